@@ -1,0 +1,240 @@
+"""Configuration: every default lives in `default_config()`; config files override it.
+
+A config file is a Python file with `get_config() -> ml_collections.ConfigDict` that starts
+from `default_config()` (shipped files: `configs/*.py`). `load_config` loads one by path
+from any working directory and applies `a.b=value` overrides, the same syntax as the CLI's
+`--config.a.b=value`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Iterable
+
+import ml_collections
+
+BACKBONES = ("vgg16", "resnet18", "resnet34", "resnet50", "resnet101")
+POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
+
+# size_pattern per shipped input size (ORIGINAL.md §2); other sizes use DEFAULT_SIZE_PATTERN.
+SIZE_PATTERNS = {
+    320: (0.08, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+    512: (0.06, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+    704: (0.04, 0.11, 0.23, 0.39, 0.58, 0.80, 1.05),
+    800: (0.04, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+}
+# steps per shipped input size, as written in the original configs (not input/feature-map).
+STEPS = {
+    320: (8, 16, 32, 64, 107, 320),
+    512: (8, 16, 32, 64, 128, 256),
+    704: (8, 16, 32, 64, 117, 176),
+    800: (8, 16, 32, 62, 115, 160),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All defaults: M2Det320-VGG as the official code configures it (ORIGINAL.md)."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "vgg16"  # one of BACKBONES
+    c.model.input_size = 320
+    c.model.num_classes = 81  # including background 0
+    c.model.planes = 256  # TUM width (paper Table 3: 8 TUMs x 256 ch)
+    c.model.num_levels = 8  # number of TUMs
+    c.model.num_scales = 6  # outputs per TUM
+    c.model.smooth = True  # 1x1 smooth convs on TUM outputs
+    c.model.sfam = False  # all official configs train without SFAM
+    c.model.share_ffmv2 = True  # original: one FFMv2 ("leach") module for all levels
+    c.model.share_sfam = True  # original: one SE pair for all scales
+    c.model.sfam_reduction = 16
+    c.model.resnet_layer3_stride = 1  # the original builds layer3 with stride 1
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
+    c.model.bn_momentum = 0.99  # Flax convention; PyTorch momentum 0.01 (BasicConv)
+    c.model.norm_momentum = 0.9  # `Norm` and ResNet BN: PyTorch momentum 0.1
+
+    c.anchors = ml_collections.ConfigDict()
+    # None -> taken from SIZE_PATTERNS / STEPS for the shipped sizes, derived otherwise.
+    c.anchors.size_pattern = ml_collections.FieldReference(None, field_type=tuple)
+    c.anchors.steps = ml_collections.FieldReference(None, field_type=tuple)
+    c.anchors.aspect_ratios = (2, 3)
+    c.anchors.variance = (0.1, 0.2)
+    c.anchors.clip = True
+
+    c.preprocess = ml_collections.ConfigDict()
+    c.preprocess.channel_order = "bgr"  # the original feeds BGR
+    c.preprocess.pixel_means = (104.0, 117.0, 123.0)  # in channel_order
+    c.preprocess.pixel_scale = 1.0  # x = (pixels - means) / scale
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.overlap_thresh = 0.5
+    c.loss.neg_pos = 3
+
+    c.postprocess = ml_collections.ConfigDict()
+    c.postprocess.method = "soft_linear"  # one of POSTPROCESS_METHODS
+    c.postprocess.iou_threshold = 0.3  # the Nt the original really uses (ORIGINAL.md §5)
+    c.postprocess.sigma = 0.5  # gaussian soft-NMS only
+    c.postprocess.score_threshold = 0.1  # candidate threshold (strictly greater)
+    c.postprocess.min_score = 0.001  # soft-NMS discard floor
+    c.postprocess.keep_per_class = 50
+    c.postprocess.max_per_image = 0  # 0 = no cap (original)
+    c.postprocess.candidates_per_class = 1000
+    c.postprocess.pixel_offset = 1  # 1 = the original's +1-pixel IoU
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global batch: 16 per GPU x 4 GPUs (original README)
+    c.train.base_lr = 0.004
+    c.train.warmup_start_lr = 1e-6
+    c.train.warmup_epochs = 5
+    c.train.lr_epochs = (90, 110, 130, 150, 160)  # step_lr.COCO
+    c.train.lr_values = (0.004, 0.002, 0.0004, 0.00004, 0.000004)
+    c.train.momentum = 0.9
+    c.train.weight_decay = 5e-4
+    c.train.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "coco/2017"
+    c.data.max_boxes = 100
+    return c
+
+
+def resolve_size_pattern(cfg) -> tuple[float, ...]:
+    """size_pattern (num_scales + 1 fractions of the input size) for `cfg`."""
+    m = cfg.model
+    if cfg.anchors.size_pattern is not None:
+        sp = tuple(float(v) for v in cfg.anchors.size_pattern)
+    elif m.input_size in SIZE_PATTERNS and m.num_scales == 6:
+        sp = SIZE_PATTERNS[m.input_size]
+    else:
+        # The 320/512 spacing generalised: 0.08 first, then an even ladder from 0.15 to
+        # 0.87 over the remaining scales, plus one step past the end for max_sizes.
+        n = m.num_scales - 1
+        lo, hi = 0.15, 0.87
+        step = (hi - lo) / max(n - 1, 1)
+        ladder = [lo + i * step for i in range(n)]
+        sp = (0.08, *ladder, ladder[-1] + step)
+    if len(sp) != m.num_scales + 1:
+        raise ValueError(
+            f"anchors.size_pattern has {len(sp)} entries; model.num_scales={m.num_scales} "
+            f"needs {m.num_scales + 1}"
+        )
+    return sp
+
+
+def validate(cfg) -> None:
+    """Raises ValueError naming the field and value of any setting that cannot work."""
+    m = cfg.model
+    if m.backbone not in BACKBONES:
+        raise ValueError(f"model.backbone={m.backbone!r}: expected one of {BACKBONES}")
+    if m.num_classes < 2:
+        raise ValueError(f"model.num_classes={m.num_classes}: needs background + >=1 class")
+    if m.planes < 2 or m.planes % 2:
+        raise ValueError(f"model.planes={m.planes}: must be an even number >= 2")
+    if m.num_levels < 1:
+        raise ValueError(f"model.num_levels={m.num_levels}: must be >= 1")
+    if m.num_scales < 3:
+        raise ValueError(f"model.num_scales={m.num_scales}: the TUM needs >= 3 scales")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype={m.dtype!r}: expected float32, bfloat16 or float16")
+    if m.sfam and m.planes * m.num_levels < m.sfam_reduction:
+        raise ValueError(
+            f"model.sfam_reduction={m.sfam_reduction} exceeds planes*num_levels="
+            f"{m.planes * m.num_levels}"
+        )
+    if cfg.postprocess.method not in POSTPROCESS_METHODS:
+        raise ValueError(
+            f"postprocess.method={cfg.postprocess.method!r}: expected one of "
+            f"{POSTPROCESS_METHODS}"
+        )
+    if cfg.postprocess.pixel_offset not in (0, 1):
+        raise ValueError(f"postprocess.pixel_offset={cfg.postprocess.pixel_offset}: 0 or 1")
+    if len(cfg.anchors.variance) != 2:
+        raise ValueError(f"anchors.variance={cfg.anchors.variance}: two values")
+    # Geometry: raises with the offending size if the TUM cannot be built.
+    from m2det_jax.priors import feature_map_sizes
+
+    fm = feature_map_sizes(cfg)
+    if cfg.anchors.steps is not None and len(cfg.anchors.steps) != m.num_scales:
+        raise ValueError(
+            f"anchors.steps has {len(cfg.anchors.steps)} entries; model.num_scales="
+            f"{m.num_scales} needs {m.num_scales}"
+        )
+    resolve_size_pattern(cfg)
+    del fm
+
+
+def _parse_value(text: str, current):
+    """Parses an override string into the type of the current value."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(f"cannot parse {text!r}") from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    """Applies `a.b=value` overrides in place; unknown fields are an error."""
+    for item in overrides:
+        item = item[len("--config."):] if item.startswith("--config.") else item
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected field=value")
+        path, text = item.split("=", 1)
+        node = cfg
+        parts = path.split(".")
+        for p in parts[:-1]:
+            if p not in node:
+                raise ValueError(f"override {item!r}: unknown config field {path!r}")
+            node = node[p]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise ValueError(f"override {item!r}: unknown config field {path!r}")
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"override {item!r}: {e}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file by path, applies overrides, validates.
+
+    Args:
+      path: a config `.py` file (e.g. "configs/m2det512_vgg.py"). A bare shipped name such
+        as "m2det512_vgg" is also found in the repository's `configs/` folder.
+      overrides: strings "a.b=value" (a leading "--config." is accepted).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+        name = os.path.basename(path)
+        cand = os.path.join(here, name if name.endswith(".py") else name + ".py")
+        if not os.path.exists(cand):
+            raise FileNotFoundError(f"config file not found: {path}")
+        path = cand
+    spec = importlib.util.spec_from_file_location(
+        "m2det_config_" + os.path.splitext(os.path.basename(path))[0], path
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,144 @@
+"""Backbones returning the two taps FFMv1 fuses: (shallow [B,H/8,W/8,C1], deep [B,H/16,W/16,C2]).
+
+VGG16-reduced (ORIGINAL.md §1.1): taps after the conv4_3 ReLU (512 ch) and the conv7 ReLU
+(1024 ch). ResNet (§1.2): taps after layer2 and layer4, layer3 with stride 1 as the
+original builds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from m2det_jax.models.layers import max_pool
+
+# (name, out channels) per conv of VGG16-reduced; "pool" entries are max pools.
+# Index in the original `base` ModuleList: conv1_1=0, ..., conv6=31, conv7=33.
+VGG_LAYERS = (
+    ("conv1_1", 64), ("conv1_2", 64), ("pool1", None),
+    ("conv2_1", 128), ("conv2_2", 128), ("pool2", None),
+    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256), ("pool3", None),
+    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512), ("pool4", None),
+    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512), ("pool5", None),
+)
+VGG_TORCH_INDEX = {
+    "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12,
+    "conv3_3": 14, "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26,
+    "conv5_3": 28, "conv6": 31, "conv7": 33,
+}  # fmt: skip
+
+
+class VGG16Reduced(nn.Module):
+    """SSD's VGG16 with fc6/fc7 as a dilated conv6 and a 1x1 conv7 (no BatchNorm)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        shallow = None
+        for name, features in VGG_LAYERS:
+            if name == "pool3":
+                x = max_pool(x, 2, 2, ceil_mode=True)
+            elif name == "pool5":
+                x = max_pool(x, 3, 1, padding=1)
+            elif name.startswith("pool"):
+                x = max_pool(x, 2, 2)
+            else:
+                x = nn.relu(nn.Conv(features, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
+                if name == "conv4_3":
+                    shallow = x  # [B, S/8, S/8, 512]
+        x = nn.Conv(
+            1024, (3, 3), padding=6, kernel_dilation=6, dtype=self.dtype, name="conv6"
+        )(x)
+        x = nn.relu(x)
+        x = nn.relu(nn.Conv(1024, (1, 1), dtype=self.dtype, name="conv7")(x))
+        return shallow, x  # deep: [B, S/16, S/16, 1024]
+
+
+class ResNetBlock(nn.Module):
+    """BasicBlock (ResNet-18/34) or Bottleneck (50/101; stride on the 3x3 like torchvision)."""
+
+    planes: int
+    stride: int
+    bottleneck: bool
+    downsample: bool
+    momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def conv(f, k, s, name):
+            return nn.Conv(
+                f, (k, k), strides=s, padding=k // 2, use_bias=False, dtype=self.dtype, name=name
+            )
+
+        def bn(name):
+            return nn.BatchNorm(
+                use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
+                dtype=self.dtype, name=name,
+            )  # fmt: skip
+
+        identity = x
+        if self.bottleneck:
+            out_ch = self.planes * 4
+            y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, "conv1")(x)))
+            y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, "conv2")(y)))
+            y = bn("bn3")(conv(out_ch, 1, 1, "conv3")(y))
+        else:
+            out_ch = self.planes
+            y = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
+            y = bn("bn2")(conv(self.planes, 3, 1, "conv2")(y))
+        if self.downsample:
+            identity = bn("downsample_bn")(conv(out_ch, 1, self.stride, "downsample_conv")(x))
+        return nn.relu(y + identity)
+
+
+RESNET_SPECS = {  # depth: (blocks per stage, bottleneck)
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+}
+
+
+class ResNet(nn.Module):
+    """torchvision-layout ResNet; names follow torchvision (`layer1_0/conv1`, ...)."""
+
+    depth: int = 101
+    layer3_stride: int = 1
+    momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        blocks, bottleneck = RESNET_SPECS[self.depth]
+        x = nn.Conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
+                    name="conv1")(x)  # fmt: skip
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
+                         dtype=self.dtype, name="bn1")(x)  # fmt: skip
+        x = max_pool(nn.relu(x), 3, 2, padding=1)
+        in_ch = 64
+        taps = []
+        for stage, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
+            stride = (1, 2, self.layer3_stride, 2)[stage]
+            out_ch = planes * 4 if bottleneck else planes
+            for k in range(n):
+                s = stride if k == 0 else 1
+                x = ResNetBlock(
+                    planes, s, bottleneck, downsample=(k == 0 and (s != 1 or in_ch != out_ch)),
+                    momentum=self.momentum, dtype=self.dtype, name=f"layer{stage + 1}_{k}",
+                )(x, train)  # fmt: skip
+                in_ch = out_ch
+            taps.append(x)
+        return taps[1], taps[3]  # layer2 [B,S/8,S/8,512|128], layer4 [B,S/16,S/16,2048|512]
+
+
+def make_backbone(name: str, dtype, layer3_stride: int = 1, momentum: float = 0.9) -> nn.Module:
+    if name == "vgg16":
+        return VGG16Reduced(dtype=dtype, name="backbone")
+    if name.startswith("resnet") and int(name[6:]) in RESNET_SPECS:
+        return ResNet(int(name[6:]), layer3_stride, momentum, dtype=dtype, name="backbone")
+    raise ValueError(f"model.backbone={name!r}: unknown backbone")
