@@ -1,7 +1,9 @@
 """M2Det512 with ResNet-101 (the 320 ResNet-101 settings at 512).
 
 Run: m2det train --config configs/m2det512_resnet101.py --workdir /tmp/m2det512_resnet101
-Convert official weights: m2det convert --config configs/m2det512_resnet101.py --checkpoint m2det512_resnet101.pth --workdir /tmp/m2det512_resnet101
+Convert official weights:
+  m2det convert --config configs/m2det512_resnet101.py --checkpoint m2det512_resnet101.pth \
+    --output /tmp/m2det512_resnet101_converted
 """
 
 from m2det_jax.config import default_config

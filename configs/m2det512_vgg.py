@@ -1,7 +1,9 @@
 """M2Det512 with VGG16 (official m2det512_vgg.py; released checkpoint m2det512_vgg.pth).
 
 Run: m2det train --config configs/m2det512_vgg.py --workdir /tmp/m2det512_vgg
-Convert official weights: m2det convert --config configs/m2det512_vgg.py --checkpoint m2det512_vgg.pth --workdir /tmp/m2det512_vgg
+Convert official weights:
+  m2det convert --config configs/m2det512_vgg.py --checkpoint m2det512_vgg.pth \
+    --output /tmp/m2det512_vgg_converted
 """
 
 from m2det_jax.config import default_config

@@ -1,7 +1,9 @@
 """M2Det800 with VGG16 (official m2det800_vgg.py).
 
 Run: m2det train --config configs/m2det800_vgg.py --workdir /tmp/m2det800_vgg
-Convert official weights: m2det convert --config configs/m2det800_vgg.py --checkpoint m2det800_vgg.pth --workdir /tmp/m2det800_vgg
+Convert official weights:
+  m2det convert --config configs/m2det800_vgg.py --checkpoint m2det800_vgg.pth \
+    --output /tmp/m2det800_vgg_converted
 """
 
 from m2det_jax.config import default_config

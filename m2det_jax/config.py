@@ -211,7 +211,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
             raise ValueError(f"override {item!r}: {e}") from None
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    path: str | os.PathLike, overrides: Iterable[str] = ()
+) -> ml_collections.ConfigDict:
     """Loads `get_config()` from a config file by path, applies overrides, validates.
 
     Args:

@@ -1,0 +1,104 @@
+"""Orbax checkpoints of model variables (converted weights, inference checkpoints).
+
+Layout: an orbax `CheckpointManager` directory with one step holding two items:
+`variables` ({"params", "batch_stats"}, StandardSave) and `meta` (JSON: the model
+config, the priors count and where the weights came from). Loading checks the stored
+model config against the requested one and names every field that differs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL_FIELDS_THAT_CHANGE_WEIGHTS = (
+    "backbone", "num_classes", "planes", "num_levels", "num_scales", "smooth", "sfam",
+    "share_ffmv2", "share_sfam", "sfam_reduction",
+)  # fmt: skip
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint was written for a different model config."""
+
+
+def model_signature(cfg) -> dict[str, Any]:
+    """The config fields that determine the variable tree, for checkpoint checks."""
+    m = cfg.model
+    sig = {k: m[k] for k in MODEL_FIELDS_THAT_CHANGE_WEIGHTS}
+    sig["num_anchors"] = 2 + 2 * len(cfg.anchors.aspect_ratios)
+    return sig
+
+
+def check_signature(stored: dict[str, Any], cfg, where: str) -> None:
+    want = model_signature(cfg)
+    diff = [
+        f"model.{k}: checkpoint {stored.get(k)!r}, config {v!r}"
+        for k, v in want.items()
+        if stored.get(k) != v
+    ]
+    if diff:
+        raise ConfigMismatchError(
+            f"checkpoint {where} was written for another model config:\n  " + "\n  ".join(diff)
+        )
+
+
+def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0):
+    """Writes `variables` and their model config as an orbax checkpoint at `directory`."""
+    directory = os.path.abspath(os.fspath(directory))
+    meta = {"model": model_signature(cfg), "config": cfg.to_json(), "source": str(source)}
+    variables = jax.tree.map(np.asarray, dict(variables))
+    with ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    ) as mngr:
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        mngr.wait_until_finished()
+    return directory
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = os.path.abspath(os.fspath(directory))
+    with ocp.CheckpointManager(directory) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str, Any]:
+    """Restores variables written by `save_variables`, after checking the model config.
+
+    Args:
+      directory: the checkpoint directory.
+      cfg: the config the caller will build the model from.
+      sharding: optional `jax.sharding.Sharding` for every leaf (default: first device).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    meta = read_meta(directory)
+    check_signature(meta["model"], cfg, directory)
+    from m2det_jax.models import build_model
+
+    model = build_model(cfg)
+    s = cfg.model.input_size
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, s, s, 3), jax.numpy.float32))
+    )
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), dict(abstract)
+    )
+    with ocp.CheckpointManager(directory) as mngr:
+        step = mngr.latest_step()
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract))
+        )
+    return restored["variables"]

@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import CONFIGS, config_path
+
+from m2det_jax import load_config
+from m2det_jax.config import apply_overrides, default_config
+
+SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads(name):
+    cfg = load_config(config_path(name))
+    assert cfg.model.num_classes >= 2
+
+
+def test_loads_by_path_from_any_directory(tmp_path):
+    code = (
+        "import m2det_jax; c = m2det_jax.load_config({!r}, ['model.input_size=512']); "
+        "print(c.model.input_size)".format(config_path("m2det320_vgg"))
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "512"
+
+
+def test_overrides_are_typed():
+    c = default_config()
+    apply_overrides(c, ["model.sfam=true", "train.base_lr=1", "anchors.steps=(8,16,32,64,128,256)",
+                        "--config.postprocess.method=hard"])  # fmt: skip
+    assert c.model.sfam is True and c.train.base_lr == 1.0
+    assert c.anchors.steps == (8, 16, 32, 64, 128, 256)
+    assert c.postprocess.method == "hard"
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.bogus=1", "unknown config field 'model.bogus'"),
+        ("model.backbone=vgg19", "model.backbone='vgg19'"),
+        ("model.num_scales=2", "model.num_scales=2"),
+        ("model.planes=255", "model.planes=255"),
+        ("postprocess.method=fast", "postprocess.method='fast'"),
+        ("model.sfam=maybe", "model.sfam=maybe"),
+    ],
+)
+def test_bad_values_name_field_and_value(override, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        load_config(config_path("m2det320_vgg"), [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config("nope.py")
