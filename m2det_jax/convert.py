@@ -324,3 +324,21 @@ def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[
         return out
 
     return merge(base, update, ())
+
+
+def to_torch_state_dict(variables: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+    """The inverse of `convert_torch_state_dict` for a full model: the original's keys
+    (every shared copy listed, `num_batches_tracked` = 0) with NCHW/OIHW numpy arrays.
+
+    Useful to hand weights trained here back to the PyTorch code.
+    """
+    table, _ = key_table(cfg)
+    out: dict[str, np.ndarray] = {}
+    for key, (coll, path, kind) in table.items():
+        arr = np.asarray(_lookup(variables[coll], path), np.float32)
+        if kind == "conv":
+            arr = arr.transpose(3, 2, 0, 1)
+        out[key] = arr
+        if key.endswith(".running_var"):
+            out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    return out
