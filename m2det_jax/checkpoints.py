@@ -49,8 +49,14 @@ def check_signature(stored: dict[str, Any], cfg, where: str) -> None:
 def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0):
     """Writes `variables` and their model config as an orbax checkpoint at `directory`."""
     directory = os.path.abspath(os.fspath(directory))
-    meta = {"model": model_signature(cfg), "config": cfg.to_json(), "source": str(source)}
     variables = jax.tree.map(np.asarray, dict(variables))
+    meta = {
+        "model": model_signature(cfg),
+        "config": cfg.to_json_best_effort(),
+        "source": str(source),
+        # Top-level modules present: all of them, or only "backbone" for ImageNet weights.
+        "modules": sorted(variables["params"]),
+    }
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
     ) as mngr:
@@ -77,6 +83,8 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
 def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str, Any]:
     """Restores variables written by `save_variables`, after checking the model config.
 
+    A backbone-only checkpoint (converted ImageNet weights) restores as the subtree it holds.
+
     Args:
       directory: the checkpoint directory.
       cfg: the config the caller will build the model from.
@@ -93,6 +101,10 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
         lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, s, s, 3), jax.numpy.float32))
     )
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    modules = meta.get("modules")
+    if modules is not None:  # e.g. a backbone-only checkpoint
+        abstract = {c: {m: t[m] for m in modules if m in t} for c, t in abstract.items()}
+        abstract = {c: t for c, t in abstract.items() if t}
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), dict(abstract)
     )

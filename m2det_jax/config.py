@@ -92,7 +92,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.lr_values = (0.004, 0.002, 0.0004, 0.00004, 0.000004)
     c.train.momentum = 0.9
     c.train.weight_decay = 5e-4
+    c.train.scale_lr_with_batch = False  # lr x batch_size / reference_batch_size
+    c.train.reference_batch_size = 64
+    c.train.num_epochs = 160  # max_iter = 160 x epoch_size in the original
+    c.train.num_steps = 0  # > 0 overrides num_epochs (steps of the global batch)
+    c.train.steps_per_epoch = 0  # 0: dataset size // batch_size
     c.train.seed = 0
+    c.train.log_every = 50  # steps between metrics rows / TensorBoard scalars
+    c.train.checkpoint_every = 1000  # steps between (async) checkpoints
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 0  # steps between evaluations (0: only at the end)
+    c.train.init_checkpoint = ""  # `m2det convert` output: full model or backbone only
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "coco/2017"

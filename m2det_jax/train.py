@@ -1,0 +1,365 @@
+"""Training: `train_and_evaluate(cfg, workdir)`, read top to bottom.
+
+Order: mesh -> data -> abstract state (jax.eval_shape) -> shardings -> restore the latest
+checkpoint in `workdir`, else init (optionally from `train.init_checkpoint`) -> jitted
+train step (donated state) -> loop with logging, async checkpoints, periodic evaluation,
+SIGTERM handling and a NaN guard.
+
+A resumed run continues with the same batches and losses as an uninterrupted one: the
+checkpoint holds the train state and the input iterator's position.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from m2det_jax import sharding as shd
+from m2det_jax.checkpoints import check_signature, model_signature
+from m2det_jax.losses import multibox_loss
+from m2det_jax.models import build_model
+from m2det_jax.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.priors import prior_boxes
+
+State = dict[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------
+# Pieces (pure, testable on their own)
+
+
+def init_state(model, tx, cfg, rng, init_variables=None) -> State:
+    """Fresh train state; `init_variables` (e.g. a converted checkpoint) replace the init."""
+    s = cfg.model.input_size
+    variables = model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32), train=False)
+    if init_variables is not None:
+        from m2det_jax.convert import merge_variables
+
+        variables = merge_variables(variables, init_variables)
+    params = variables["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt_state": tx.init(params),
+    }
+
+
+def make_train_step(model, tx, cfg, priors: np.ndarray, steps_per_epoch: int):
+    """(state, batch) -> (state, metrics). BatchNorm statistics and the loss normaliser
+    come from the global batch under `jit` (the batch axis is sharded, not split)."""
+    priors = jnp.asarray(priors)
+    schedule = learning_rate_schedule(cfg, steps_per_epoch)
+
+    def step_fn(state: State, batch: dict[str, jax.Array]):
+        valid = batch["valid"] & batch["mask"][:, None]
+
+        def loss_fn(params):
+            out, updates = model.apply(
+                {"params": params, "batch_stats": state["batch_stats"]},
+                batch["image"], train=True, mutable=["batch_stats"],
+            )  # fmt: skip
+            loc_l, conf_l = multibox_loss(
+                out["loc"], out["logits"], priors, batch["boxes"], batch["labels"], valid, cfg
+            )
+            return loc_l + conf_l, (loc_l, conf_l, updates["batch_stats"])
+
+        (loss, (loc_l, conf_l, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(jnp.add, state["params"], updates)
+        metrics = {
+            "loss": loss, "loc_loss": loc_l, "conf_loss": conf_l,
+            "lr": schedule(state["step"]),
+            "grad_norm": jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))),
+        }  # fmt: skip
+        new_state = {"step": state["step"] + 1, "params": params, "batch_stats": new_bs,
+                     "opt_state": opt_state}  # fmt: skip
+        return new_state, metrics
+
+    return step_fn
+
+
+def total_steps(cfg, steps_per_epoch: int) -> int:
+    return cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.num_epochs * steps_per_epoch
+
+
+class _Preemption:
+    """SIGTERM -> a flag the loop checks each step (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover
+                self._tb = None
+
+    def write(self, step: int, row: dict[str, float], prefix: str = "train"):
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in row.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _write_run_info(workdir: str, cfg) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "command.txt"), "a") as f:
+        f.write(" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(
+    cfg,
+    workdir: str,
+    *,
+    train_iterator_fn: Callable[..., Iterator] | None = None,
+    num_train_examples: int | None = None,
+    evaluate_fn: Callable[[Any, dict, int], dict] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains `cfg` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Args:
+      cfg: the config (see configs/).
+      workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.
+      train_iterator_fn: `(cfg, local_batch_size, process_index, process_count) -> iterator`
+        of per-process numpy batches with `get_state()`/`set_state()`; default: the TFDS
+        pipeline of `m2det_jax.data`.
+      num_train_examples: dataset size (for epochs); default: from the data module.
+      evaluate_fn: `(cfg, variables, step) -> {metric: value}`; default: COCO evaluation
+        of `m2det_jax.evaluate` on the eval split.
+      progress: show a progress bar on process 0.
+
+    Returns:
+      {"step", "final_metrics", "eval_metrics", "preempted"}.
+    """
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        _write_run_info(workdir, cfg)
+
+    # Mesh and data.
+    mesh = shd.make_mesh()
+    local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
+    if train_iterator_fn is None or num_train_examples is None:
+        from m2det_jax.data import pipeline as data_pipeline
+
+        train_iterator_fn = train_iterator_fn or data_pipeline.make_train_iterator
+        if num_train_examples is None:
+            num_train_examples = data_pipeline.num_examples(cfg, "train")
+    steps_per_epoch = cfg.train.steps_per_epoch or max(num_train_examples // cfg.train.batch_size, 1)
+    n_steps = total_steps(cfg, steps_per_epoch)
+    data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
+
+    # Model, optimizer, abstract state and shardings.
+    model = build_model(cfg)
+    tx = make_optimizer(cfg, steps_per_epoch)
+    priors = prior_boxes(cfg)
+    rng = jax.random.key(cfg.train.seed)
+    abstract = jax.eval_shape(functools.partial(init_state, model, tx, cfg), rng)
+    state_sharding = jax.tree.map(lambda _: shd.replicated(mesh), abstract)
+
+    # Restore or init.
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    mngr = ocp.CheckpointManager(
+        ckpt_dir,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.train.keep_checkpoints, create=True, enable_async_checkpointing=True
+        ),
+    )
+    latest = mngr.latest_step()
+    if latest is not None:
+        meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_signature(meta["model"], cfg, ckpt_dir)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+            state_sharding)  # fmt: skip
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))  # fmt: skip
+        state = restored["state"]
+        data_state = restored["data"].get(str(jax.process_index()))
+        if data_state is not None and hasattr(data_iter, "set_state"):
+            data_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
+        print(f"resumed from {ckpt_dir} at step {latest}", flush=True) if is_main else None
+    else:
+        init_vars = None
+        if cfg.train.init_checkpoint:
+            init_vars = _load_init_checkpoint(cfg)
+        state = jax.jit(
+            functools.partial(init_state, model, tx, cfg, init_variables=init_vars),
+            out_shardings=state_sharding,
+        )(rng)
+
+    step_fn = jax.jit(
+        make_train_step(model, tx, cfg, priors, steps_per_epoch),
+        in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+        out_shardings=(state_sharding, shd.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    def save(step: int):
+        data_state = getattr(data_iter, "get_state", lambda: None)()
+        if isinstance(data_state, bytes):
+            data_state = data_state.decode()
+        from jax.experimental import multihost_utils
+
+        # Every process's iterator position, so each resumes its own shard.
+        all_states = {str(jax.process_index()): data_state}
+        if jax.process_count() > 1:
+            enc = np.frombuffer(json.dumps(data_state).encode().ljust(1 << 16), np.uint8)
+            gathered = multihost_utils.process_allgather(enc)
+            all_states = {str(i): json.loads(bytes(g).rstrip(b" ").decode())
+                          for i, g in enumerate(np.asarray(gathered))}  # fmt: skip
+        meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch}
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(all_states),
+            meta=ocp.args.JsonSave(meta)), force=True)  # fmt: skip
+
+    log = MetricsLog(workdir, is_main)
+    start = int(jax.device_get(state["step"]))
+    bar = _progress_bar(n_steps, start) if (progress and is_main) else None
+    last_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    preempted = False
+    t_log, n_img = time.perf_counter(), 0
+    step = start
+    with _Preemption() as preemption:
+        while step < n_steps:
+            if preemption.requested:
+                preempted = True
+                break
+            batch = shd.global_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            n_img += cfg.train.batch_size
+            is_log = step % cfg.train.log_every == 0 or step == n_steps
+            is_ckpt = step % cfg.train.checkpoint_every == 0
+            if is_log or is_ckpt:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(m["loss"]):
+                    mngr.wait_until_finished()
+                    good = mngr.latest_step()
+                    log.close()
+                    raise NonFiniteLossError(
+                        f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
+                        f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
+                        f"{'none' if good is None else f'step {good} in {ckpt_dir}'}")  # fmt: skip
+                dt = time.perf_counter() - t_log
+                m["images_per_sec"] = n_img / max(dt, 1e-9)
+                t_log, n_img = time.perf_counter(), 0
+                last_metrics = m
+                if is_log:
+                    log.write(step, {k: m[k] for k in ("loss", "loc_loss", "conf_loss", "lr",
+                                                       "images_per_sec", "grad_norm")})  # fmt: skip
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
+                                    img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
+            if bar is not None:
+                bar.update(1)
+            if is_ckpt:
+                save(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps:
+                eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+    if bar is not None:
+        bar.close()
+    if mngr.latest_step() != step:
+        save(step)
+    mngr.wait_until_finished()
+    mngr.close()
+    if not preempted and (cfg.train.eval_every >= 0):
+        eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+    log.close()
+    if preempted and is_main:
+        print(f"SIGTERM: saved step {step} to {ckpt_dir}; rerun the same command to resume",
+              flush=True)  # fmt: skip
+    return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
+            "preempted": preempted, "state": state}  # fmt: skip
+
+
+def _evaluate(evaluate_fn, cfg, state, step, log) -> dict:
+    if evaluate_fn is None:
+        from m2det_jax.evaluate import evaluate_variables
+
+        evaluate_fn = evaluate_variables
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    metrics = evaluate_fn(cfg, variables, step)
+    if metrics:
+        log.write(step, metrics, prefix="eval")
+    return metrics
+
+
+def _load_init_checkpoint(cfg):
+    """Variables of `train.init_checkpoint` (`m2det convert` output, full or backbone)."""
+    from m2det_jax.checkpoints import load_variables
+
+    return jax.tree.map(np.asarray, load_variables(cfg.train.init_checkpoint, cfg))
+
+
+def _progress_bar(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)  # fmt: skip
