@@ -105,8 +105,30 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_checkpoint = ""  # `m2det convert` output: full model or backbone only
 
     c.data = ml_collections.ConfigDict()
+    # "coco/2017" (prepared TFDS data, never downloaded), "shapes" (generated on first
+    # use) or "coco_folder" (built on first use from image_dir + annotation_file).
     c.data.dataset = "coco/2017"
-    c.data.max_boxes = 100
+    c.data.max_boxes = 100  # G: ground truth per image, padded (extra boxes truncated, counted)
+    # TFDS data_dir; None: ~/tensorflow_datasets.
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.eval_batch_size = 8  # global; every host gets eval_batch_size / process_count
+    c.data.include_crowd = False  # COCO is_crowd boxes: dropped (counted) unless True
+    c.data.expand_prob = 0.6  # zoom-out probability (original preproc p)
+    # grain worker processes; 0 = in-process; -1 = auto (0 on <= 2 CPUs, else
+    # min(8, cpu_count - 1)).
+    c.data.num_workers = -1
+    # coco_folder only: split "train" from image_dir + annotation_file, and "validation"
+    # from eval_image_dir (default image_dir) + eval_annotation_file when that is set.
+    c.data.image_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.annotation_file = ml_collections.FieldReference(None, field_type=str)
+    c.data.eval_image_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.eval_annotation_file = ml_collections.FieldReference(None, field_type=str)
+    c.data.shapes_image_size = 128  # shapes only: generated image side
+    c.data.shapes_num_train = 2000
+    c.data.shapes_num_validation = 200
+    c.data.shapes_seed = 0
     return c
 
 

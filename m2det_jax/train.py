@@ -191,8 +191,15 @@ def train_and_evaluate(
       progress: show a progress bar on process 0.
 
     Returns:
-      {"step", "final_metrics", "eval_metrics", "preempted"}.
+      {"step", "final_metrics", "eval_metrics", "preempted", "state"}.
     """
+    with _Preemption() as preemption:  # from the start: SIGTERM during compile counts too
+        return _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn,
+                      progress, preemption)  # fmt: skip
+
+
+def _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn, progress,
+           preemption) -> dict[str, Any]:  # fmt: skip
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -202,12 +209,8 @@ def train_and_evaluate(
     # Mesh and data.
     mesh = shd.make_mesh()
     local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
-    if train_iterator_fn is None or num_train_examples is None:
-        from m2det_jax.data import pipeline as data_pipeline
-
-        train_iterator_fn = train_iterator_fn or data_pipeline.make_train_iterator
-        if num_train_examples is None:
-            num_train_examples = data_pipeline.num_examples(cfg, "train")
+    if train_iterator_fn is None:
+        train_iterator_fn, num_train_examples = _tfds_train_data(cfg)
     steps_per_epoch = cfg.train.steps_per_epoch or max(num_train_examples // cfg.train.batch_size, 1)
     n_steps = total_steps(cfg, steps_per_epoch)
     data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
@@ -240,7 +243,7 @@ def train_and_evaluate(
         state = restored["state"]
         data_state = restored["data"].get(str(jax.process_index()))
         if data_state is not None and hasattr(data_iter, "set_state"):
-            data_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
+            data_iter.set_state(data_state)
         print(f"resumed from {ckpt_dir} at step {latest}", flush=True) if is_main else None
     else:
         init_vars = None
@@ -284,43 +287,42 @@ def train_and_evaluate(
     preempted = False
     t_log, n_img = time.perf_counter(), 0
     step = start
-    with _Preemption() as preemption:
-        while step < n_steps:
-            if preemption.requested:
-                preempted = True
-                break
-            batch = shd.global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            n_img += cfg.train.batch_size
-            is_log = step % cfg.train.log_every == 0 or step == n_steps
-            is_ckpt = step % cfg.train.checkpoint_every == 0
-            if is_log or is_ckpt:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(m["loss"]):
-                    mngr.wait_until_finished()
-                    good = mngr.latest_step()
-                    log.close()
-                    raise NonFiniteLossError(
-                        f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
-                        f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
-                        f"{'none' if good is None else f'step {good} in {ckpt_dir}'}")  # fmt: skip
-                dt = time.perf_counter() - t_log
-                m["images_per_sec"] = n_img / max(dt, 1e-9)
-                t_log, n_img = time.perf_counter(), 0
-                last_metrics = m
-                if is_log:
-                    log.write(step, {k: m[k] for k in ("loss", "loc_loss", "conf_loss", "lr",
-                                                       "images_per_sec", "grad_norm")})  # fmt: skip
-                if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
-                                    img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
+    while step < n_steps:
+        if preemption.requested:
+            preempted = True
+            break
+        batch = shd.global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        n_img += cfg.train.batch_size
+        is_log = step % cfg.train.log_every == 0 or step == n_steps
+        is_ckpt = step % cfg.train.checkpoint_every == 0
+        if is_log or is_ckpt:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(m["loss"]):
+                mngr.wait_until_finished()
+                good = mngr.latest_step()
+                log.close()
+                raise NonFiniteLossError(
+                    f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
+                    f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
+                    f"{'none' if good is None else f'step {good} in {ckpt_dir}'}")  # fmt: skip
+            dt = time.perf_counter() - t_log
+            m["images_per_sec"] = n_img / max(dt, 1e-9)
+            t_log, n_img = time.perf_counter(), 0
+            last_metrics = m
+            if is_log:
+                log.write(step, {k: m[k] for k in ("loss", "loc_loss", "conf_loss", "lr",
+                                                   "images_per_sec", "grad_norm")})  # fmt: skip
             if bar is not None:
-                bar.update(1)
-            if is_ckpt:
-                save(step)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps:
-                eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
+                                img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+        if is_ckpt:
+            save(step)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps:
+            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
     if bar is not None:
         bar.close()
     if mngr.latest_step() != step:
@@ -335,6 +337,21 @@ def train_and_evaluate(
               flush=True)  # fmt: skip
     return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
             "preempted": preempted, "state": state}  # fmt: skip
+
+
+def _tfds_train_data(cfg):
+    """The TFDS/grain pipeline of `m2det_jax.data` as (iterator factory, dataset size)."""
+    from m2det_jax.data import pipeline, sources
+
+    builder = sources.open_builder(cfg)
+    n = builder.info.splits[cfg.data.train_split].num_examples
+
+    def make(cfg, local_bs, process_index, process_count):
+        return pipeline.make_train_iterator(
+            cfg, builder=builder, global_batch_size=cfg.train.batch_size,
+            shard_index=process_index, shard_count=process_count)  # fmt: skip
+
+    return make, n
 
 
 def _evaluate(evaluate_fn, cfg, state, step, log) -> dict:

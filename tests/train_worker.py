@@ -1,0 +1,113 @@
+"""Subprocess entry for multi-device / multi-process / signal tests (see test_train.py).
+
+  python train_worker.py mesh OUT.json                  # 8 fake devices: sharded == single
+  python train_worker.py train WORKDIR STEPS [ADDR NPROC PID] [--nan-at K] [--slow]
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+CONFIG = os.path.join(os.path.dirname(HERE), "configs", "tiny.py")
+
+
+def _enable_cache():
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("M2DET_TEST_CACHE", "/tmp/m2det_jax_test_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def mesh_check(out_path):
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    _enable_cache()
+    import numpy as np
+
+    import m2det_jax
+    from m2det_jax import sharding as shd
+    from m2det_jax.models import build_model
+    from m2det_jax.optim import make_optimizer
+    from m2det_jax.priors import prior_boxes
+    from m2det_jax.train import init_state, make_train_step
+    from synthetic import SyntheticIterator
+
+    assert len(jax.devices()) == 8
+    cfg = m2det_jax.load_config(CONFIG)
+    model, tx = build_model(cfg), make_optimizer(cfg, 10)
+    batch = SyntheticIterator(cfg, 8).global_batch(0)
+    results = {}
+    for name, devices in (("single", jax.devices()[:1]), ("mesh8", jax.devices())):
+        mesh = shd.make_mesh(devices)
+        state = jax.jit(lambda r: init_state(model, tx, cfg, r),
+                        out_shardings=shd.replicated(mesh))(jax.random.key(0))  # fmt: skip
+        step = jax.jit(make_train_step(model, tx, cfg, prior_boxes(cfg), 10),
+                       in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
+                       out_shardings=(shd.replicated(mesh), shd.replicated(mesh)))  # fmt: skip
+        gb = shd.global_batch(batch, mesh)
+        if name == "mesh8":
+            assert len(gb["image"].sharding.device_set) == 8
+        new_state, metrics = step(state, gb)
+        results[name] = jax.device_get((new_state, metrics))
+    a, b = results["single"], results["mesh8"]
+    diff = {
+        "loss": abs(float(a[1]["loss"]) - float(b[1]["loss"])),
+        "params": max(float(np.abs(x - y).max()) for x, y in zip(
+            jax.tree.leaves(a[0]["params"]), jax.tree.leaves(b[0]["params"]))),
+        "batch_stats": max(float(np.abs(x - y).max()) for x, y in zip(
+            jax.tree.leaves(a[0]["batch_stats"]), jax.tree.leaves(b[0]["batch_stats"]))),
+        "bn_moved": max(float(np.abs(x - y).max()) for x, y in zip(
+            jax.tree.leaves(a[0]["batch_stats"]),
+            jax.tree.leaves(jax.device_get(init_state(model, tx, cfg, jax.random.key(0))
+                                           ["batch_stats"])))),
+        "loss_value": float(a[1]["loss"]),
+    }  # fmt: skip
+    with open(out_path, "w") as f:
+        json.dump(diff, f)
+
+
+def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=False):
+    if addr:
+        import jax
+
+        jax.distributed.initialize(addr, int(nproc), int(pid), initialization_timeout=60)
+    _enable_cache()
+    import time
+
+    import m2det_jax
+    from m2det_jax.train import train_and_evaluate
+    from synthetic import SyntheticIterator
+
+    class Iter(SyntheticIterator):
+        def __next__(self):
+            b = super().__next__()
+            if nan_at is not None and self.index == nan_at:
+                b["image"][:] = float("nan")
+            if slow:
+                time.sleep(0.5)
+            return b
+
+    cfg = m2det_jax.load_config(CONFIG, [f"train.num_steps={steps}", "train.log_every=1",
+                                         "train.checkpoint_every=2", "train.eval_every=-1"])  # fmt: skip
+    r = train_and_evaluate(cfg, workdir, train_iterator_fn=Iter, num_train_examples=64,
+                           evaluate_fn=lambda c, v, s: {}, progress=False)  # fmt: skip
+    print("DONE", r["step"], r["preempted"], flush=True)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    nan_at = None
+    if "--nan-at" in args:
+        i = args.index("--nan-at")
+        nan_at = int(args[i + 1])
+        del args[i : i + 2]
+    slow = "--slow" in args
+    args = [a for a in args if a != "--slow"]
+    if args[0] == "mesh":
+        mesh_check(args[1])
+    else:
+        train(args[1], int(args[2]), *args[3:6], nan_at=nan_at, slow=slow)
