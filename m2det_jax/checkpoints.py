@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 MODEL_FIELDS_THAT_CHANGE_WEIGHTS = (
     "backbone", "num_classes", "planes", "num_levels", "num_scales", "smooth", "sfam",
-    "share_ffmv2", "share_sfam", "sfam_reduction",
+    "share_ffmv2", "share_sfam", "sfam_reduction", "resnet_width",
 )  # fmt: skip
 
 

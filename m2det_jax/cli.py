@@ -164,6 +164,43 @@ def cmd_verify(args, cfg) -> int:
     return 0 if ok else 1
 
 
+def cmd_train(args, cfg) -> int:
+    from m2det_jax.sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    from m2det_jax.train import NonFiniteLossError, train_and_evaluate
+
+    try:
+        result = train_and_evaluate(cfg, args.workdir)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if result["preempted"]:
+        return 0
+    m = result["eval_metrics"]
+    if m:
+        print("final COCO metrics: " + ", ".join(
+            f"{k} {m[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in m))
+    return 0
+
+
+def cmd_eval(args, cfg) -> int:
+    from m2det_jax.checkpoints import ConfigMismatchError, load_variables
+    from m2det_jax.evaluate import evaluate_variables
+
+    try:
+        variables = load_variables(args.checkpoint, cfg)
+    except (ConfigMismatchError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    os.makedirs(args.workdir, exist_ok=True)
+    m = evaluate_variables(cfg, variables, workdir=args.workdir)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
+                     indent=1))  # fmt: skip
+    return 0
+
+
 def cmd_summary(args, cfg) -> int:
     from m2det_jax.stats import model_summary
 
@@ -190,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("verify", "parity with the original on the shipped reference + speed", cmd_verify)
     sp.add_argument("--iters", type=int, default=5)
     add("summary", "params, GMACs per image and priors of a config", cmd_summary)
+    sp = add("train", "train (resumes from WORKDIR/checkpoints if present)", cmd_train,
+             "configs/shapes.py")  # fmt: skip
+    sp.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    sp.add_argument("--num_processes", type=int, default=None)
+    sp.add_argument("--process_id", type=int, default=None)
+    sp = add("eval", "COCO metrics of a checkpoint on cfg.data.eval_split", cmd_eval)
+    sp.add_argument("--checkpoint", required=True,
+                    help="variables checkpoint (m2det convert / export) or a train workdir")
     return p
 
 

@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.share_sfam = True  # original: one SE pair for all scales
     c.model.sfam_reduction = 16
     c.model.resnet_layer3_stride = 1  # the original builds layer3 with stride 1
+    c.model.resnet_width = 64  # ResNet stem/layer1 width; torchvision and the original: 64
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
     c.model.bn_momentum = 0.99  # Flax convention; PyTorch momentum 0.01 (BasicConv)
     c.model.norm_momentum = 0.9  # `Norm` and ResNet BN: PyTorch momentum 0.1

@@ -330,7 +330,7 @@ def _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn, pro
     mngr.wait_until_finished()
     mngr.close()
     if not preempted and (cfg.train.eval_every >= 0):
-        eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+        eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log, workdir)
     log.close()
     if preempted and is_main:
         print(f"SIGTERM: saved step {step} to {ckpt_dir}; rerun the same command to resume",
@@ -354,15 +354,18 @@ def _tfds_train_data(cfg):
     return make, n
 
 
-def _evaluate(evaluate_fn, cfg, state, step, log) -> dict:
+def _evaluate(evaluate_fn, cfg, state, step, log, workdir) -> dict:
     if evaluate_fn is None:
         from m2det_jax.evaluate import evaluate_variables
 
-        evaluate_fn = evaluate_variables
+        evaluate_fn = functools.partial(evaluate_variables, workdir=workdir)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     metrics = evaluate_fn(cfg, variables, step)
-    if metrics:
-        log.write(step, metrics, prefix="eval")
+    if metrics and jax.process_index() == 0:
+        log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                  prefix="eval")  # fmt: skip
+        main = {k: round(metrics[k], 4) for k in ("AP", "AP50", "AP75") if k in metrics}
+        print(f"eval at step {step}: {main}", flush=True)
     return metrics
 
 

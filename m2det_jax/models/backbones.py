@@ -109,20 +109,22 @@ class ResNet(nn.Module):
 
     depth: int = 101
     layer3_stride: int = 1
+    width: int = 64  # stem / layer1 width (torchvision: 64); smaller for tiny configs
     momentum: float = 0.9
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         blocks, bottleneck = RESNET_SPECS[self.depth]
-        x = nn.Conv(64, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
+        x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                     name="conv1")(x)  # fmt: skip
         x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
                          dtype=self.dtype, name="bn1")(x)  # fmt: skip
         x = max_pool(nn.relu(x), 3, 2, padding=1)
-        in_ch = 64
+        in_ch = self.width
         taps = []
-        for stage, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
+        widths = tuple(self.width * m for m in (1, 2, 4, 8))
+        for stage, (n, planes) in enumerate(zip(blocks, widths, strict=True)):
             stride = (1, 2, self.layer3_stride, 2)[stage]
             out_ch = planes * 4 if bottleneck else planes
             for k in range(n):
@@ -136,9 +138,11 @@ class ResNet(nn.Module):
         return taps[1], taps[3]  # layer2 [B,S/8,S/8,512|128], layer4 [B,S/16,S/16,2048|512]
 
 
-def make_backbone(name: str, dtype, layer3_stride: int = 1, momentum: float = 0.9) -> nn.Module:
+def make_backbone(name: str, dtype, layer3_stride: int = 1, momentum: float = 0.9,
+                  width: int = 64) -> nn.Module:  # fmt: skip
     if name == "vgg16":
         return VGG16Reduced(dtype=dtype, name="backbone")
     if name.startswith("resnet") and int(name[6:]) in RESNET_SPECS:
-        return ResNet(int(name[6:]), layer3_stride, momentum, dtype=dtype, name="backbone")
+        return ResNet(int(name[6:]), layer3_stride, width, momentum, dtype=dtype,
+                      name="backbone")  # fmt: skip
     raise ValueError(f"model.backbone={name!r}: unknown backbone")

@@ -33,6 +33,7 @@ class M2Det(nn.Module):
     sfam_reduction: int = 16
     num_anchors: int = 6
     resnet_layer3_stride: int = 1
+    resnet_width: int = 64
     bn_momentum: float = 0.99
     norm_momentum: float = 0.9
     dtype: Any = jnp.float32
@@ -41,7 +42,8 @@ class M2Det(nn.Module):
     def __call__(self, images, train: bool = False):
         x = images.astype(self.dtype)
         shallow, deep = make_backbone(
-            self.backbone, self.dtype, self.resnet_layer3_stride, self.norm_momentum
+            self.backbone, self.dtype, self.resnet_layer3_stride, self.norm_momentum,
+            self.resnet_width,
         )(x, train)
         self.sow("intermediates", "backbone_shallow", shallow)
         self.sow("intermediates", "backbone_deep", deep)
@@ -120,6 +122,7 @@ def build_model(cfg) -> M2Det:
         sfam_reduction=m.sfam_reduction,
         num_anchors=num_anchors(cfg),
         resnet_layer3_stride=m.resnet_layer3_stride,
+        resnet_width=m.resnet_width,
         bn_momentum=m.bn_momentum,
         norm_momentum=m.norm_momentum,
         dtype=jnp.dtype(m.dtype),

@@ -1,0 +1,43 @@
+"""The embedded default: a scaled-down M2Det (real FFMv1/FFMv2/TUM/SFAM path) trained from
+scratch on the generated `shapes` set. No downloads; a fresh 2-core CPU builds the data,
+trains and evaluates (COCO metrics) in about 15 minutes.
+
+Run: m2det train --config configs/shapes.py --workdir /tmp/shapes
+"""
+
+from m2det_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.backbone = "resnet18"
+    c.model.resnet_width = 32
+    c.model.resnet_layer3_stride = 2
+    c.model.input_size = 128
+    c.model.num_classes = 5  # background + circle, square, triangle, cross
+    c.model.planes = 64
+    c.model.num_levels = 3
+    c.model.num_scales = 4
+    c.model.sfam = True
+    c.model.share_sfam = False
+    c.model.sfam_reduction = 8
+
+    c.data.dataset = "shapes"
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.max_boxes = 8
+    c.data.expand_prob = 0.3
+    c.data.eval_batch_size = 50
+
+    c.train.batch_size = 32
+    c.train.base_lr = 0.04  # from scratch with BatchNorm: higher than the original's 0.004
+    c.train.warmup_start_lr = 0.001
+    c.train.warmup_epochs = 1
+    c.train.num_epochs = 14
+    c.train.lr_epochs = (10, 13, 14)
+    c.train.lr_values = (0.04, 0.004, 0.0004)
+    c.train.log_every = 20
+    c.train.checkpoint_every = 200
+    c.train.eval_every = 0
+
+    c.postprocess.score_threshold = 0.05
+    return c

@@ -1,0 +1,77 @@
+"""COCO metrics with pycocotools (host side). The only place COCO xywh pixels appear."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
+
+
+def to_coco_results(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    valid: np.ndarray,
+    image_ids: np.ndarray,
+    category_ids: Sequence[int],
+    pixel_offset: int = 0,
+) -> list[dict]:
+    """Detections [N, K, ...] (pixels, xyxy; classes 1..C-1) -> COCO result dicts.
+
+    `pixel_offset=1` writes w = x2 - x1 + 1 as the original's COCO export does.
+    `category_ids[c - 1]` is the COCO id of contiguous class c.
+    """
+    cat = np.asarray(category_ids)
+    out = []
+    for i in range(boxes.shape[0]):
+        keep = np.flatnonzero(valid[i])
+        for k in keep:
+            x1, y1, x2, y2 = (float(v) for v in boxes[i, k])
+            out.append({
+                "image_id": int(image_ids[i]),
+                "category_id": int(cat[int(classes[i, k]) - 1]),
+                "bbox": [x1, y1, x2 - x1 + pixel_offset, y2 - y1 + pixel_offset],
+                "score": float(scores[i, k]),
+            })  # fmt: skip
+    return out
+
+
+def coco_evaluate(annotation_file: str, results: list[dict], image_ids=None,
+                  verbose: bool = False) -> dict[str, float]:  # fmt: skip
+    """The 12 standard COCO box metrics plus `AP/<category name>` per class.
+
+    Images of `image_ids` (default: all in the annotations) with no detection count as
+    misses. No detections at all gives zeros, not an error.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        gt = COCO(annotation_file)
+    ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
+    if not results:
+        metrics = dict.fromkeys(METRIC_NAMES, 0.0)
+        for c in gt.loadCats(gt.getCatIds()):
+            metrics[f"AP/{c['name']}"] = 0.0
+        return metrics
+    with quiet:
+        dt = gt.loadRes(json.loads(json.dumps(results)))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    metrics = {n: float(v) for n, v in zip(METRIC_NAMES, ev.stats, strict=True)}
+    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        name = gt.loadCats(cat_id)[0]["name"]
+        metrics[f"AP/{name}"] = float(p[p > -1].mean()) if np.any(p > -1) else 0.0
+    return metrics
