@@ -71,8 +71,21 @@ def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "
     return directory
 
 
+def _train_checkpoints(directory: str) -> str | None:
+    """`directory` or `directory/checkpoints` when it is a training run's checkpoints."""
+    for d in (directory, os.path.join(directory, "checkpoints")):
+        if os.path.isdir(d):
+            steps = [s for s in os.listdir(d) if s.isdigit()]
+            if steps and os.path.isdir(os.path.join(d, max(steps, key=int), "state")):
+                return d
+    return None
+
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    directory = _train_checkpoints(directory) or directory
     with ocp.CheckpointManager(directory) as mngr:
         step = mngr.latest_step()
         if step is None:
@@ -93,6 +106,12 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
     directory = os.path.abspath(os.fspath(directory))
     meta = read_meta(directory)
     check_signature(meta["model"], cfg, directory)
+    train_dir = _train_checkpoints(directory)
+    if train_dir is not None:  # a training run: take params/batch_stats of its latest step
+        with ocp.CheckpointManager(train_dir) as mngr:
+            state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore()))["state"]  # fmt: skip
+        return {"params": state["params"], "batch_stats": state["batch_stats"]}
     from m2det_jax.models import build_model
 
     model = build_model(cfg)

@@ -93,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.lr_values = (0.004, 0.002, 0.0004, 0.00004, 0.000004)
     c.train.momentum = 0.9
     c.train.weight_decay = 5e-4
+    c.train.grad_clip_norm = 0.0  # 0: no clipping (original)
     c.train.scale_lr_with_batch = False  # lr x batch_size / reference_batch_size
     c.train.reference_batch_size = 64
     c.train.num_epochs = 160  # max_iter = 160 x epoch_size in the original

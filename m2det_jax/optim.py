@@ -39,9 +39,12 @@ def learning_rate_schedule(cfg, steps_per_epoch: int):
 
 
 def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-    """PyTorch-style SGD: g + wd * p, then momentum, then -lr."""
+    """PyTorch-style SGD: g + wd * p, then momentum, then -lr (optional global-norm clip
+    first; the original does not clip)."""
     t = cfg.train
+    clip = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
     return optax.chain(
+        *clip,
         optax.add_decayed_weights(t.weight_decay),
         optax.sgd(learning_rate_schedule(cfg, steps_per_epoch), momentum=t.momentum),
     )
