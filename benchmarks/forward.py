@@ -34,7 +34,8 @@ def main():
     peak = _peak_gflops()
     print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"measured f32 matmul peak: {peak:.0f} GFLOP/s")
-    print(f"{'config':22s} {'batch':>5s} {'compile s':>9s} {'s/img':>7s} {'GFLOP/s':>8s} {'% peak':>6s}")
+    hdr = ('config', 'batch', 'compile s', 's/img', 'GFLOP/s', '% peak')
+    print(f"{hdr[0]:22s} {hdr[1]:>5s} {hdr[2]:>9s} {hdr[3]:>7s} {hdr[4]:>8s} {hdr[5]:>6s}")
     for name in args.configs:
         cfg = load_config(name, [f"model.dtype={args.dtype}"])
         r = forward_speed(cfg, batch=args.batch, iters=args.iters)

@@ -72,6 +72,6 @@ def coco_evaluate(annotation_file: str, results: list[dict], image_ids=None,
     precision = ev.eval["precision"]  # [T, R, K, A, M]
     for k, cat_id in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]
-        name = gt.loadCats(cat_id)[0]["name"]
+        name = gt.cats[cat_id]["name"]
         metrics[f"AP/{name}"] = float(p[p > -1].mean()) if np.any(p > -1) else 0.0
     return metrics

@@ -37,7 +37,9 @@ def make_inference_fn(cfg, mesh=None):
                                         shd.batch_sharding(mesh)))  # fmt: skip
 
 
-def predict_split(cfg, variables, *, builder=None, split=None, mesh=None) -> dict[str, np.ndarray]:
+def predict_split(
+    cfg, variables, *, builder=None, split=None, mesh=None
+) -> dict[str, np.ndarray]:
     """Detections for every image of `split` on this host: numpy arrays over images."""
     from m2det_jax.data import pipeline, sources
 
@@ -82,7 +84,8 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
         ann = cfg.data.eval_annotation_file or sources.annotation_file(builder, split)
         results = to_coco_results(
             preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
-            preds["image_id"], sources.category_ids(builder), cfg.postprocess.pixel_offset)  # fmt: skip
+            preds["image_id"], sources.category_ids(builder),
+            cfg.postprocess.pixel_offset)  # fmt: skip
         metrics = coco_evaluate(ann, results, image_ids=preds["image_id"])
         metrics["num_images"] = int(len(preds["image_id"]))
         metrics["num_detections"] = len(results)

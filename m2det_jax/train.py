@@ -99,7 +99,8 @@ def make_train_step(model, tx, cfg, priors: np.ndarray, steps_per_epoch: int):
 
 
 def total_steps(cfg, steps_per_epoch: int) -> int:
-    return cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.num_epochs * steps_per_epoch
+    t = cfg.train
+    return t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
 
 
 class _Preemption:
@@ -211,7 +212,8 @@ def _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn, pro
     local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
     if train_iterator_fn is None:
         train_iterator_fn, num_train_examples = _tfds_train_data(cfg)
-    steps_per_epoch = cfg.train.steps_per_epoch or max(num_train_examples // cfg.train.batch_size, 1)
+    steps_per_epoch = cfg.train.steps_per_epoch or max(
+        num_train_examples // cfg.train.batch_size, 1)
     n_steps = total_steps(cfg, steps_per_epoch)
     data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
 

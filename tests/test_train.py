@@ -54,7 +54,7 @@ def test_lr_schedule_matches_original():
         epoch = iteration // epoch_size + 1
         if epoch <= 5:
             return 1e-6 + (0.004 - 1e-6) * iteration / (epoch_size * 5)
-        for bound, v in zip((90, 110, 130, 150, 160), (0.004, 0.002, 4e-4, 4e-5, 4e-6)):
+        for bound, v in zip((90, 110, 130, 150, 160), (0.004, 0.002, 4e-4, 4e-5, 4e-6), strict=False):
             if bound >= epoch:
                 return v
         return 4e-6
@@ -139,9 +139,9 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
     last = max(_losses(wd))
     assert steps and steps[-1] >= last
     # Resume continues from there.
-    from m2det_jax.checkpoints import read_meta  # noqa: F401 - import check only
-
     import orbax.checkpoint as ocp
+
+    from m2det_jax.checkpoints import read_meta  # noqa: F401 - import check only
 
     with ocp.CheckpointManager(str(wd / "checkpoints")) as m:
         assert m.latest_step() == steps[-1]

@@ -16,7 +16,8 @@ CONFIG = os.path.join(os.path.dirname(HERE), "configs", "tiny.py")
 def _enable_cache():
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.environ.get("M2DET_TEST_CACHE", "/tmp/m2det_jax_test_cache"))
+    cache = os.environ.get("M2DET_TEST_CACHE", "/tmp/m2det_jax_test_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -27,6 +28,7 @@ def mesh_check(out_path):
     jax.config.update("jax_num_cpu_devices", 8)
     _enable_cache()
     import numpy as np
+    from synthetic import SyntheticIterator
 
     import m2det_jax
     from m2det_jax import sharding as shd
@@ -34,7 +36,6 @@ def mesh_check(out_path):
     from m2det_jax.optim import make_optimizer
     from m2det_jax.priors import prior_boxes
     from m2det_jax.train import init_state, make_train_step
-    from synthetic import SyntheticIterator
 
     assert len(jax.devices()) == 8
     cfg = m2det_jax.load_config(CONFIG)
@@ -57,13 +58,13 @@ def mesh_check(out_path):
     diff = {
         "loss": abs(float(a[1]["loss"]) - float(b[1]["loss"])),
         "params": max(float(np.abs(x - y).max()) for x, y in zip(
-            jax.tree.leaves(a[0]["params"]), jax.tree.leaves(b[0]["params"]))),
+            jax.tree.leaves(a[0]["params"]), jax.tree.leaves(b[0]["params"]), strict=False)),
         "batch_stats": max(float(np.abs(x - y).max()) for x, y in zip(
-            jax.tree.leaves(a[0]["batch_stats"]), jax.tree.leaves(b[0]["batch_stats"]))),
+            jax.tree.leaves(a[0]["batch_stats"]), jax.tree.leaves(b[0]["batch_stats"]), strict=False)),
         "bn_moved": max(float(np.abs(x - y).max()) for x, y in zip(
             jax.tree.leaves(a[0]["batch_stats"]),
             jax.tree.leaves(jax.device_get(init_state(model, tx, cfg, jax.random.key(0))
-                                           ["batch_stats"])))),
+                                           ["batch_stats"])), strict=False)),
         "loss_value": float(a[1]["loss"]),
     }  # fmt: skip
     with open(out_path, "w") as f:
@@ -78,9 +79,10 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
     _enable_cache()
     import time
 
+    from synthetic import SyntheticIterator
+
     import m2det_jax
     from m2det_jax.train import train_and_evaluate
-    from synthetic import SyntheticIterator
 
     class Iter(SyntheticIterator):
         def __next__(self):
@@ -91,8 +93,9 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
                 time.sleep(0.5)
             return b
 
-    cfg = m2det_jax.load_config(CONFIG, [f"train.num_steps={steps}", "train.log_every=1",
-                                         "train.checkpoint_every=2", "train.eval_every=-1"])  # fmt: skip
+    cfg = m2det_jax.load_config(CONFIG, [
+        f"train.num_steps={steps}", "train.log_every=1", "train.checkpoint_every=2",
+        "train.eval_every=-1"])  # fmt: skip
     r = train_and_evaluate(cfg, workdir, train_iterator_fn=Iter, num_train_examples=64,
                            evaluate_fn=lambda c, v, s: {}, progress=False)  # fmt: skip
     print("DONE", r["step"], r["preempted"], flush=True)
