@@ -2,7 +2,9 @@
 
 from m2det_jax.config import default_config, load_config
 from m2det_jax.convert import convert_torch_state_dict
+from m2det_jax.losses import multibox_loss
 from m2det_jax.models import M2Det, build_model
+from m2det_jax.postprocess import detect
 from m2det_jax.priors import prior_boxes
 
 __all__ = [
@@ -10,19 +12,8 @@ __all__ = [
     "build_model",
     "convert_torch_state_dict",
     "default_config",
+    "detect",
     "load_config",
+    "multibox_loss",
     "prior_boxes",
 ]
-
-try:  # pieces that land with the training / inference work
-    from m2det_jax.losses import multibox_loss  # noqa: F401
-
-    __all__.append("multibox_loss")
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from m2det_jax.postprocess import detect  # noqa: F401
-
-    __all__.append("detect")
-except ImportError:  # pragma: no cover
-    pass

@@ -91,6 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.warmup_epochs = 5
     c.train.lr_epochs = (90, 110, 130, 150, 160)  # step_lr.COCO
     c.train.lr_values = (0.004, 0.002, 0.0004, 0.00004, 0.000004)
+    c.train.optimizer = "sgd"  # "sgd" (original) or "adamw"
     c.train.momentum = 0.9
     c.train.weight_decay = 5e-4
     c.train.grad_clip_norm = 0.0  # 0: no clipping (original)

@@ -1,0 +1,120 @@
+"""Inference speed as the paper reports it, plus throughput and post-processing alone.
+
+The paper (M2Det, Table 1 "Time") times one image at a time, network + NMS, on a Titan X;
+`run_benchmark` measures the same protocol here (batch 1, the whole jitted
+`evaluate.make_inference_fn`, mean over `iters` calls after a warm-up), the throughput of
+batched inference, and `postprocess.detect` alone for the original-compatible settings of
+the config and for `standard_postprocess(cfg)`. Compilation is timed separately and never
+counted in the per-image numbers. Without a checkpoint the weights are random (the
+post-processing time then depends on how many random scores pass the threshold).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from m2det_jax.evaluate import make_inference_fn
+from m2det_jax.models import build_model
+from m2det_jax.postprocess import make_detect_fn, standard_postprocess
+from m2det_jax.priors import prior_boxes
+
+
+def _timed(fn, args, iters: int) -> tuple[float, float]:
+    """(compile seconds, mean seconds per call over `iters` calls after one warm-up)."""
+    t = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(*args))
+    t = time.perf_counter()
+    for _ in range(iters):
+        jax.block_until_ready(compiled(*args))
+    return compile_s, (time.perf_counter() - t) / max(iters, 1)
+
+
+def _images(cfg, batch: int, seed: int = 0) -> jnp.ndarray:
+    """Preprocessed-looking random inputs [batch, S, S, 3] (pixels minus means)."""
+    s = cfg.model.input_size
+    return jnp.asarray(np.random.default_rng(seed).normal(0, 50, (batch, s, s, 3)), jnp.float32)
+
+
+def run_benchmark(
+    cfg: ml_collections.ConfigDict, variables=None, *, batch: int = 8, iters: int = 20
+) -> dict[str, Any]:
+    """Times inference of `cfg` (random weights when `variables` is None).
+
+    Returns:
+      dict with input_size, batch, iters, random_weights, device and per measurement
+      {"compile_s", "s_per_img", ...}: "paper" (batch 1 net + NMS, with "fps"),
+      "throughput" (batch `batch`, with "img_per_s"), "postprocess_original" and
+      "postprocess_standard" (detect alone, batch 1, with "detections").
+    """
+    model = build_model(cfg)
+    x1 = _images(cfg, 1)
+    random_weights = variables is None
+    if variables is None:
+        variables = jax.jit(model.init)(jax.random.key(0), x1)
+    s = cfg.model.input_size
+    out: dict[str, Any] = {
+        "input_size": s,
+        "batch": batch,
+        "iters": iters,
+        "random_weights": random_weights,
+        "device": jax.devices()[0].device_kind,
+    }
+    infer = make_inference_fn(cfg)
+    hw1 = jnp.full((1, 2), float(s), jnp.float32)
+    c, sec = _timed(infer, (variables, x1, hw1), iters)
+    out["paper"] = {"compile_s": c, "s_per_img": sec, "fps": 1.0 / sec}
+
+    xb = _images(cfg, batch, seed=1)
+    hwb = jnp.full((batch, 2), float(s), jnp.float32)
+    c, sec = _timed(infer, (variables, xb, hwb), max(1, iters // 2))
+    out["throughput"] = {"compile_s": c, "s_per_img": sec / batch, "img_per_s": batch / sec}
+
+    net = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    raw = net(variables, x1)
+    priors = jnp.asarray(prior_boxes(cfg))
+    for name, c_pp in (("postprocess_original", cfg), ("postprocess_standard",
+                                                        standard_postprocess(cfg))):  # fmt: skip
+        detect_fn = make_detect_fn(c_pp)
+        fn = jax.jit(lambda loc, logits, hw, f=detect_fn: f(loc, logits, priors, hw))
+        args = (raw["loc"], raw["logits"], hw1)
+        c, sec = _timed(fn, args, iters)
+        n = int(np.asarray(fn(*args)["valid"]).sum())
+        out[name] = {"compile_s": c, "s_per_img": sec, "detections": n}
+    return out
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The benchmark result as a fixed-width text table."""
+    head = f"input {r['input_size']}, {r['device']}, mean of {r['iters']} iters" + (
+        ", random weights" if r["random_weights"] else ""
+    )
+    rows = [
+        ("measurement", "compile s", "ms / image", "rate"),
+        ("paper: batch 1, net + NMS", f"{r['paper']['compile_s']:.1f}",
+         f"{1e3 * r['paper']['s_per_img']:.1f}", f"{r['paper']['fps']:.1f} FPS"),
+        (f"throughput: batch {r['batch']}", f"{r['throughput']['compile_s']:.1f}",
+         f"{1e3 * r['throughput']['s_per_img']:.1f}",
+         f"{r['throughput']['img_per_s']:.1f} img/s"),
+    ]  # fmt: skip
+    for key, label in (("postprocess_original", "postprocess only: original"),
+                       ("postprocess_standard", "postprocess only: standard")):  # fmt: skip
+        p = r[key]
+        rows.append((label, f"{p['compile_s']:.1f}", f"{1e3 * p['s_per_img']:.2f}",
+                     f"{p['detections']} dets"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [head]
+    for j, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]  # fmt: skip
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,619 @@
+"""Test-time post-processing: decode, per-class (soft-)NMS, per-image cap (ORIGINAL.md §5).
+
+`detect` reproduces the original's `Detect` + `nms_process` for a whole batch in one jitted
+XLA computation with fixed shapes:
+
+1. scores = softmax(logits) over classes; boxes = decode(loc, priors, variance), times
+   [w, h, w, h] of `image_sizes` when given (pixels of the original image, as the original;
+   normalized otherwise). Boxes are **not** clipped.
+2. Per image and class c = 1..C-1 (batched): the candidates are the priors whose score is
+   strictly greater than `score_threshold` (float32 compare). At most `candidates_per_class`
+   of them are kept (the highest scores; on equal scores the lower prior index), and they
+   are fed to NMS **in prior order**, as the original does. How many were dropped by this cap
+   is returned as `num_dropped`, so truncation is never silent; with `num_dropped == 0`
+   the algorithm is exactly the original's.
+3. NMS (`method`), all float32, IoU with `pixel_offset` (1 = the original's +1 pixel):
+   * "soft_linear" / "soft_gaussian": the original C loop (cpu_soft_nms) emulated step by
+     step on a buffer kept in the C loop's *current array order*: step i takes the first
+     maximum over positions i..N-1, swaps it to i, decays positions i+1..N-1 (linear:
+     score *= 1 - iou if iou > iou_threshold; gaussian: score *= exp(-iou^2 / sigma)), and
+     a decayed box whose score falls below `min_score` is replaced by the last box
+     (N decreases). The swap-with-last removals are applied as the C loop does them, so
+     ties among equal scores resolve exactly as in the original (first in the current,
+     permuted order). Rows come out in selection order with decayed scores.
+   * "hard": greedy NMS (the original's gpu_nms): highest score first, suppress IoU >
+     iou_threshold; rows in descending score order with the original scores. Equal scores
+     are taken in prior order (the original's argsort order on ties is unspecified).
+   Only the first `keep_per_class` rows of a class are kept (the original's `keep[:50]`);
+   rows never change after they are selected, so the loop stops after `keep_per_class`
+   selections, which bounds the work to keep_per_class x candidates_per_class per class.
+4. `max_per_image > 0` (0 = no cap, the original's setting): if the image has more rows
+   than that, the threshold is the max_per_image-th largest score of the image and every
+   class keeps its rows with score >= threshold (the original's rule).
+
+Output layout (fixed K; padding rows have valid False, boxes 0, scores 0):
+* `max_per_image == 0`: K = (C-1) * keep_per_class and row (c-1) * keep_per_class + j is
+  the j-th selection of class c (class-major blocks, selection order inside a block).
+* `max_per_image > 0`: K = min(max_per_image, (C-1) * keep_per_class); the kept rows are
+  packed to the front in the same class-major / selection order. The original's `>=`
+  rule can keep more than max_per_image rows only when several rows score exactly the
+  threshold (float32 tie); the tied rows that do not fit are cut (the last ones in
+  class-major order) and counted in `num_tie_dropped`. Rows scoring above the threshold
+  are never cut.
+
+Padding rows carry a class in 1..C-1 too (their block's class without the cap, 1 with
+it), so lookups by class never go out of range; always mask with `valid`.
+
+Speed: the loops run keep_per_class steps at most, all classes and images in lock step
+on [tasks, buffer] arrays; cheaper exact variants (few busy classes, few candidate priors)
+are compiled alongside the plain one and picked per batch with `lax.switch` (`_layouts`).
+
+Float32 exactness: XLA:CPU contracts `a * b + c` into fused multiply-adds, which the
+original's C float code does not; the IoU here guards its products against contraction
+so that IoU and decayed scores are bit-identical to the C loop for identical input boxes.
+(`box_ops.decode` is not guarded, so the decoded boxes themselves can differ in the last
+bit between XLA programs that fuse it differently, e.g. `decode_and_score` vs `detect`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+
+from m2det_jax import box_ops
+from m2det_jax.config import POSTPROCESS_METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessSettings:
+    """The static (hashable) post-processing settings a jitted `detect` is built for."""
+
+    method: str = "soft_linear"
+    iou_threshold: float = 0.3
+    sigma: float = 0.5
+    score_threshold: float = 0.1
+    min_score: float = 0.001
+    keep_per_class: int = 50
+    max_per_image: int = 0
+    candidates_per_class: int = 1000
+    pixel_offset: int = 1
+    variance: tuple[float, float] = (0.1, 0.2)
+    # Speed only (results are identical): see `_layouts`.
+    tier_classes: int = 16
+    tier_candidates: int = 64
+    sparse_priors: int = 512
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> PostprocessSettings:
+        p = cfg.postprocess
+        s = cls(
+            method=str(p.method),
+            iou_threshold=float(p.iou_threshold),
+            sigma=float(p.sigma),
+            score_threshold=float(p.score_threshold),
+            min_score=float(p.min_score),
+            keep_per_class=int(p.keep_per_class),
+            max_per_image=int(p.max_per_image),
+            candidates_per_class=int(p.candidates_per_class),
+            pixel_offset=int(p.pixel_offset),
+            variance=tuple(float(v) for v in cfg.anchors.variance),
+        )
+        if s.method not in POSTPROCESS_METHODS:
+            raise ValueError(
+                f"postprocess.method={s.method!r}: expected one of {POSTPROCESS_METHODS}"
+            )
+        if s.keep_per_class < 1:
+            raise ValueError(f"postprocess.keep_per_class={s.keep_per_class}: must be >= 1")
+        if s.candidates_per_class < 1:
+            raise ValueError(
+                f"postprocess.candidates_per_class={s.candidates_per_class}: must be >= 1"
+            )
+        if s.max_per_image < 0:
+            raise ValueError(f"postprocess.max_per_image={s.max_per_image}: must be >= 0")
+        if s.pixel_offset not in (0, 1):
+            raise ValueError(f"postprocess.pixel_offset={s.pixel_offset}: 0 or 1")
+        if s.method == "soft_gaussian" and s.sigma <= 0:
+            raise ValueError(f"postprocess.sigma={s.sigma}: must be > 0")
+        if len(s.variance) != 2:
+            raise ValueError(f"anchors.variance={s.variance}: two values")
+        return s
+
+
+def standard_postprocess(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with the standard (non-legacy) post-processing preset.
+
+    Changes only `postprocess.pixel_offset = 0` (IoU of continuous boxes, without the
+    original's +1 pixel) and `postprocess.max_per_image = 100` (the usual COCO cap of 100
+    detections per image). Everything else (method, thresholds, keep_per_class) is kept,
+    so `cfg.postprocess.method` etc. still decide the NMS flavour.
+    """
+    out = cfg.copy_and_resolve_references()
+    out.postprocess.pixel_offset = 0
+    out.postprocess.max_per_image = 100
+    return out
+
+
+def _no_contract(x: jnp.ndarray) -> jnp.ndarray:
+    """Identity on the non-negative products used below that stops XLA from fusing them.
+
+    XLA:CPU turns `p * q + r` into a fused multiply-add (one rounding instead of two);
+    a `max(., 0)` between the multiply and the add blocks that, so the sum sees the
+    rounded product as the C float code does. Only applied to values that are >= 0 (or to
+    areas of decoded boxes, which are > 0), where it changes nothing.
+    """
+    return jnp.maximum(x, 0.0)
+
+
+def _decode_boxes(loc, priors, image_sizes, variance):
+    """[B,P,4], [P,4], [B,2]|None -> boxes [B,P,4] xyxy (pixels of image_sizes or normalized)."""
+    boxes = box_ops.decode(loc.astype(jnp.float32), priors.astype(jnp.float32), variance)
+    if image_sizes is not None:
+        hw = jnp.asarray(image_sizes).astype(jnp.float32)  # [B, 2] (height, width)
+        scale = jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=-1)  # [B, 4]
+        boxes = boxes * scale[:, None, :]
+    return boxes
+
+
+def _softmax_parts(logits: jnp.ndarray):
+    """Row max and row sum of exp of the softmax over classes: [B, P, C] -> 2 x [B, P, 1].
+
+    `_softmax_rows` then gives jax.nn.softmax's formula (exp(x - max) / sum) for any rows,
+    so the [B, P, C] scores need not be materialized: every consumer recomputes the few
+    elementwise ops it needs, always with the same result.
+    """
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    return m, jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
+
+
+def _softmax_rows(logits, m, total):
+    return jnp.exp(logits - m) / total
+
+
+def _decode_and_score(loc, logits, priors, image_sizes, variance):
+    logits = logits.astype(jnp.float32)
+    scores = _softmax_rows(logits, *_softmax_parts(logits))  # [B, P, C]
+    return _decode_boxes(loc, priors, image_sizes, variance), scores
+
+
+def decode_and_score(
+    loc: jnp.ndarray,
+    logits: jnp.ndarray,
+    priors: jnp.ndarray,
+    cfg: ml_collections.ConfigDict,
+    image_sizes: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The original's `Detect` for a batch: (boxes [B,P,4] xyxy, scores [B,P,C] softmax).
+
+    Boxes are in pixels of `image_sizes` ([B, 2] height, width) when given, else
+    normalized; not clipped. This is exactly what `detect` feeds to NMS.
+    """
+    variance = tuple(float(v) for v in cfg.anchors.variance)
+    return _jitted_decode(variance)(loc, logits, priors, image_sizes)
+
+
+@functools.cache
+def _jitted_decode(variance):
+    return jax.jit(functools.partial(_decode_and_score, variance=variance))
+
+
+# --------------------------------------------------------------------------------------
+# NMS on "tasks": one task is one class of one image. Task arrays are [N, kb] with
+# N = B * R (batch-major, so a batch-sharded input stays sharded) and kb the candidate
+# buffer. All tasks advance in lock step: step i is the i-th selection of every task.
+
+
+def _select_candidates(score_t: jnp.ndarray, s: PostprocessSettings, kb: int):
+    """Candidates of each task in prior order.
+
+    Args:
+      score_t: [N, P] scores of the task's class over all priors.
+      kb: candidate buffer size (<= P).
+    Returns:
+      idx [N, kb] prior indices (valid ones first, ascending = prior order; padding 0),
+      n [N] number of valid entries, dropped [N] candidates above threshold beyond kb.
+    """
+    num_priors = score_t.shape[-1]
+    above = score_t > s.score_threshold  # float32 compare, as the original
+    count = jnp.sum(above, axis=-1, dtype=jnp.int32)
+    n = jnp.minimum(count, kb)
+    # Highest kb scores (lax.top_k puts the lower index first on equal values), then back
+    # to prior order so the buffer holds what the original's `dets` would hold.
+    _, top_idx = lax.top_k(jnp.where(above, score_t, -1.0), kb)  # [N, kb]
+    slot_valid = jnp.arange(kb) < n[:, None]
+    idx = jnp.sort(jnp.where(slot_valid, top_idx, num_priors), axis=-1)
+    idx = jnp.where(slot_valid, idx, 0)
+    return idx, n, count - n
+
+
+def _first_max(score: jnp.ndarray, live: jnp.ndarray) -> jnp.ndarray:
+    """Per task, the first position holding the maximum live score: [N, kb] -> [N].
+
+    (max, then the smallest position equal to it; jnp.argmax's variadic reduction is
+    several times slower on XLA:CPU.) Tasks without a live entry get kb.
+    """
+    kb = score.shape[1]
+    masked = jnp.where(live, score, -jnp.inf)
+    best = jnp.max(masked, axis=1, keepdims=True)
+    pos = jnp.arange(kb, dtype=jnp.int32)[None, :]
+    return jnp.min(jnp.where(live & (masked == best), pos, kb), axis=1)
+
+
+def _cumsum(mask: jnp.ndarray) -> jnp.ndarray:
+    """Inclusive count along axis 1 of a [N, kb] bool array (int32).
+
+    lax.associative_scan: jnp.cumsum's lowering is several times slower on XLA:CPU.
+    """
+    return lax.associative_scan(jnp.add, mask.astype(jnp.int32), axis=1)
+
+
+# Rows of the stacked per-task buffer used by the NMS loops: [6, N, kb].
+_X1, _Y1, _X2, _Y2, _SCORE, _AREA = range(6)
+
+
+def _iou_with(sel: jnp.ndarray, d: jnp.ndarray, pixel_offset: int):
+    """IoU of each task's selected box with all of the task's boxes.
+
+    Args:
+      sel: [6, N, 1] the selected entry of every task; d: [6, N, kb] the buffer.
+    Returns:
+      iou [N, kb] and overlap [N, kb] (the C loop's `iw > 0 and ih > 0` gate: boxes that
+      do not overlap are not even decayed).
+
+    The formula is `box_ops.iou`'s (= the original's C / CUDA float code): w, h = min - max
+    + offset, inter = w * h, iou = inter / (area + area' - inter); the products are kept
+    un-contracted (see `_no_contract`) so the float32 result is bit-identical to it.
+    """
+    off = float(pixel_offset)
+    iw = jnp.minimum(sel[_X2], d[_X2]) - jnp.maximum(sel[_X1], d[_X1]) + off
+    ih = jnp.minimum(sel[_Y2], d[_Y2]) - jnp.maximum(sel[_Y1], d[_Y1]) + off
+    inter = _no_contract(jnp.maximum(iw, 0.0) * jnp.maximum(ih, 0.0))
+    return inter / (sel[_AREA] + d[_AREA] - inter), (iw > 0) & (ih > 0)
+
+
+def _stack_buffer(cols, pixel_offset: int) -> jnp.ndarray:
+    """(x1, y1, x2, y2, score), each [N, kb] -> [6, N, kb] with the box areas appended."""
+    x1, y1, x2, y2, score = cols
+    off = float(pixel_offset)
+    area = _no_contract((x2 - x1 + off) * (y2 - y1 + off))
+    return jnp.stack([x1, y1, x2, y2, score, area])
+
+
+def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
+    """The original's cpu_soft_nms on every task, first `steps` selections.
+
+    Args:
+      d: [6, N, kb] buffer (see `_stack_buffer`), entries in prior order; entries >= n
+        are padding.
+      n: [N] number of valid entries.
+    Returns:
+      the buffer after the selections (entries 0..min(steps, N)-1 of a task are its
+      selections, in order, with decayed scores) and the final N of every task.
+    """
+    _, nt, kb = d.shape
+    pos = jnp.arange(kb, dtype=jnp.int32)[None, :]  # [1, kb]
+    rows = jnp.arange(nt)
+    rows_kb = jnp.broadcast_to(rows[:, None], (nt, kb))
+    pos_kb = jnp.broadcast_to(pos, (nt, kb))
+
+    def compact(d, bad, n, n_new):
+        # The C loop removes a box at `pos` by copying the box at N-1 over it (that box
+        # is then examined in its place) and decrementing N. Net effect on positions
+        # i+1..N-1, with m of them good: good boxes among the first m positions stay; the
+        # k-th bad one of those (left to right) receives the k-th good box counted from
+        # the right among positions m..N-1 (the last N - m); the rest is gone.
+        left_bad = bad & (pos < n_new[:, None])
+        rank_bad = _cumsum(left_bad)  # 1-based at bad slots
+        right_good = (pos >= n_new[:, None]) & (pos < n[:, None]) & ~bad
+        rank_good = _cumsum(right_good[:, ::-1])[:, ::-1]
+        fill = (
+            jnp.zeros((nt, kb), jnp.int32)
+            .at[rows_kb, jnp.where(right_good, rank_good - 1, kb)]
+            .set(pos_kb, mode="drop")
+        )
+        src = jnp.where(left_bad, jnp.take_along_axis(fill, jnp.maximum(rank_bad - 1, 0), 1), pos)
+        return jnp.take_along_axis(d, jnp.broadcast_to(src[None], d.shape), axis=2)
+
+    def cond(st):
+        i, _, n = st
+        return (i < steps) & jnp.any(i < n)
+
+    def body(st):
+        i, d, n = st
+        live = (pos >= i) & (pos < n[:, None])
+        # First maximum in the current array order (the C loop's strict `<` scan).
+        j = _first_max(d[_SCORE], live)
+        j = jnp.where(i < n, j, i)  # finished tasks: no-op swap
+        at_j = jnp.take_along_axis(d, j[None, :, None], axis=2)  # [6, N, 1]
+        at_i = lax.dynamic_slice_in_dim(d, i, 1, axis=2)
+        d = d.at[:, rows, j].set(at_i[..., 0]).at[:, rows, i].set(at_j[..., 0])  # swap
+        ov, overlap = _iou_with(at_j, d, s.pixel_offset)
+        if s.method == "soft_gaussian":
+            weight = jnp.exp(-(ov * ov) / jnp.float32(s.sigma))
+        else:
+            weight = jnp.where(ov > s.iou_threshold, 1.0 - ov, 1.0)
+        hit = (pos > i) & (pos < n[:, None]) & overlap  # the C loop's decay pass
+        score = jnp.where(hit, weight * d[_SCORE], d[_SCORE])
+        bad = hit & (score < s.min_score)
+        n_new = n - jnp.sum(bad, axis=1, dtype=jnp.int32)
+        d = d.at[_SCORE].set(score)
+        d = lax.cond(jnp.any(bad), lambda d: compact(d, bad, n, n_new), lambda d: d, d)
+        return i + 1, d, n_new
+
+    _, d, n = lax.while_loop(cond, body, (jnp.int32(0), d, n))
+    return d, n
+
+
+def _hard_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
+    """Greedy NMS on every task (the original's gpu_nms), first `steps` kept boxes.
+
+    Args:
+      d: [6, N, kb] buffer (see `_stack_buffer`) in prior order; n: [N] valid entries.
+    Returns:
+      keep [N, steps] buffer positions in descending score order (equal scores in prior
+      order), count [N] how many of them are real.
+    """
+    _, nt, kb = d.shape
+    pos = jnp.arange(kb, dtype=jnp.int32)[None, :]
+
+    def cond(st):
+        i, alive, _, _ = st
+        return (i < steps) & jnp.any(alive)
+
+    def body(st):
+        i, alive, keep, count = st
+        j = _first_max(d[_SCORE], alive)  # kb where nothing is alive
+        has = j < kb
+        j = jnp.minimum(j, kb - 1)
+        ov, _ = _iou_with(jnp.take_along_axis(d, j[None, :, None], axis=2), d, s.pixel_offset)
+        alive = alive & ~(ov > s.iou_threshold) & (pos != j[:, None])
+        keep = lax.dynamic_update_slice_in_dim(keep, j[:, None], i, axis=1)
+        return i + 1, alive, keep, count + has.astype(jnp.int32)
+
+    keep = jnp.zeros((nt, steps), jnp.int32)
+    init = (jnp.int32(0), pos < n[:, None], keep, jnp.zeros(nt, jnp.int32))
+    _, _, keep, count = lax.while_loop(cond, body, init)
+    return keep, count
+
+
+def _run_tasks(boxes, cls_scores, task_cls, s: PostprocessSettings, kb: int):
+    """NMS for R classes per image.
+
+    Args:
+      boxes: [B, U, 4] and cls_scores: [B, C-1, U], over U priors in prior order.
+      task_cls: [B, R] class slots (0-based) to process.
+      kb: candidate buffer size.
+    Returns:
+      rows [B, R, L, 5], valid [B, R, L], dropped [B, R].
+    """
+    b, r = task_cls.shape
+    steps = s.keep_per_class
+    score_t = jnp.take_along_axis(cls_scores, task_cls[:, :, None], axis=1)  # [B, R, U]
+    score_t = score_t.reshape(b * r, -1)
+    idx, n, dropped = _select_candidates(score_t, s, kb)  # [B*R, kb]
+    img = jnp.repeat(jnp.arange(b), r)
+    bx = boxes[img[:, None], idx]  # [B*R, kb, 4]
+    sc = jnp.take_along_axis(score_t, idx, axis=1)
+    d = _stack_buffer((bx[..., 0], bx[..., 1], bx[..., 2], bx[..., 3], sc), s.pixel_offset)
+    if s.method == "hard":
+        keep, count = _hard_nms(d, n, s, steps)
+        d = jnp.take_along_axis(d, jnp.broadcast_to(keep[None], (6,) + keep.shape), axis=2)
+    else:
+        d, n_final = _soft_nms(d, n, s, min(steps, kb))
+        count = jnp.minimum(n_final, steps)
+        d = d[:, :, :steps]
+        if d.shape[2] < steps:
+            d = jnp.pad(d, ((0, 0), (0, 0), (0, steps - d.shape[2])))
+    rows = jnp.moveaxis(d[:5], 0, -1)  # [B*R, L, 5]
+    valid = jnp.arange(steps)[None, :] < count[:, None]
+    rows = jnp.where(valid[..., None], rows, 0.0)
+    return (
+        rows.reshape(b, r, steps, 5),
+        valid.reshape(b, r, steps),
+        dropped.reshape(b, r),
+    )
+
+
+# A layout: (number of priors U kept before the per-class work, ((classes, buffer), ...)).
+Layout = tuple[int, tuple[tuple[int, int], ...]]
+
+
+def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> list[Layout]:
+    """Static layouts of the per-class work, cheapest first; the last one always applies.
+
+    The work of one selection step is B x classes x buffer, and selecting the candidates
+    is a top-k over the priors for every class. Most images have candidates in a few
+    priors and a few classes, so besides the plain layout (every class, every prior, the
+    full `candidates_per_class` buffer) cheaper ones are compiled and the first that is
+    exact for the batch at hand runs (`lax.switch`); all give identical results:
+      * tiered: the `tier_classes` busiest classes of each image get the full buffer, the
+        others a `tier_candidates` buffer (needs: every other class has at most that many
+        candidates);
+      * sparse + tiered: the same on only the first `sparse_priors` priors that have a
+        candidate in some class, in prior order (needs: no image has more such priors).
+    """
+    busy = min(num_cls, s.tier_classes)
+    small = min(kc, s.tier_candidates)
+    tiers = ((num_cls, kc),)
+    if 1 <= busy < num_cls and 1 <= small < kc:
+        tiers = ((busy, kc), (num_cls - busy, small))
+    out: list[Layout] = []
+    if 1 <= s.sparse_priors < num_priors:
+        u = s.sparse_priors
+        out.append((u, tuple((r, min(kb, u)) for r, kb in tiers)))
+    if len(tiers) > 1:
+        out.append((num_priors, tiers))
+    out.append((num_priors, ((num_cls, kc),)))
+    return out
+
+
+def _nms_all(boxes, logits, s: PostprocessSettings):
+    """Per-class NMS of a batch: boxes [B, P, 4], logits [B, P, C] (float32) ->
+    rows [B, C-1, L, 5], valid [B, C-1, L], dropped [B, C-1]."""
+    b, p, c = logits.shape
+    num_cls = c - 1
+    kc = min(s.candidates_per_class, p)
+    m, total = _softmax_parts(logits)
+    above = _softmax_rows(logits, m, total)[:, :, 1:] > s.score_threshold  # [B, P, C-1]
+    counts = jnp.sum(above, axis=1, dtype=jnp.int32)  # [B, C-1]
+    order = jnp.argsort(-counts, axis=1, stable=True)  # busiest classes first
+    sorted_counts = jnp.take_along_axis(counts, order, axis=1)
+    cand_prior = jnp.any(above, axis=2)  # [B, P]
+    num_cand_priors = jnp.sum(cand_prior, axis=1, dtype=jnp.int32)  # [B]
+
+    def run(layout: Layout, boxes, logits, m, total):
+        u, tiers = layout
+        if u < p:
+            # The first u priors with a candidate, in prior order (top_k of a key that
+            # decreases with the index; ties, i.e. padding, in index order).
+            key = jnp.where(cand_prior, (p - jnp.arange(p)).astype(jnp.float32), 0.0)
+            _, pidx = lax.top_k(key, u)  # [B, u]
+            take = lambda a: jnp.take_along_axis(a, pidx[:, :, None], axis=1)  # noqa: E731
+            boxes, logits, m, total = take(boxes), take(logits), take(m), take(total)
+        sub_scores = _softmax_rows(logits, m, total)[:, :, 1:]  # [B, u, C-1]
+        sub_boxes = boxes
+        cls_scores = jnp.swapaxes(sub_scores, 1, 2)  # [B, C-1, u]
+        if len(tiers) == 1:  # every class, in class order
+            task_cls = jnp.broadcast_to(jnp.arange(num_cls, dtype=order.dtype), (b, num_cls))
+            return _run_tasks(sub_boxes, cls_scores, task_cls, s, tiers[0][1])
+        outs, start = [], 0
+        for r, kb in tiers:
+            task_cls = order[:, start : start + r]
+            outs.append(_run_tasks(sub_boxes, cls_scores, task_cls, s, kb))
+            start += r
+        rows, valid, dropped = (jnp.concatenate(x, axis=1) for x in zip(*outs, strict=True))
+        inv = jnp.argsort(order, axis=1)  # busiest-first back to class order
+        return (
+            jnp.take_along_axis(rows, inv[:, :, None, None], axis=1),
+            jnp.take_along_axis(valid, inv[:, :, None], axis=1),
+            jnp.take_along_axis(dropped, inv, axis=1),
+        )
+
+    layouts = _layouts(num_cls, p, kc, s)
+    operands = (boxes, logits, m, total)
+    if len(layouts) == 1:
+        return run(layouts[0], *operands)
+    fits = []
+    for u, tiers in layouts:
+        ok = jnp.all(num_cand_priors <= u)
+        start = 0
+        for r, kb in tiers:
+            if kb < min(kc, u):  # a buffer that could truncate where the plain one doesn't
+                ok = ok & jnp.all(sorted_counts[:, start] <= kb)
+            start += r
+        fits.append(ok)
+    index = jnp.argmax(jnp.stack(fits))  # the first layout that is exact
+    return lax.switch(index, [functools.partial(run, layout) for layout in layouts], *operands)
+
+
+def _per_image_cap(scores, valid, max_per_image: int):
+    """The original's max_per_image rule on one image's flattened rows.
+
+    Args:
+      scores, valid: [R] rows in class-major / selection order.
+    Returns:
+      order [K] row indices to output (kept rows first, in row order), keep [K] bool,
+      tie_dropped (rows the `>=` rule keeps that do not fit in K).
+    """
+    r = scores.shape[0]
+    k = min(max_per_image, r)
+    total = jnp.sum(valid, dtype=jnp.int32)
+    masked = jnp.where(valid, scores, -jnp.inf)
+    thresh = lax.top_k(masked, k)[0][k - 1]
+    capped = total > max_per_image
+    n_above = jnp.sum(valid & (scores > thresh), dtype=jnp.int32)
+    tied = valid & (scores == thresh)
+    tie_rank = jnp.cumsum(tied, dtype=jnp.int32)
+    keep_capped = valid & ((scores > thresh) | (tied & (tie_rank <= k - n_above)))
+    keep = jnp.where(capped, keep_capped, valid)
+    tie_dropped = jnp.where(capped, jnp.sum(tied, dtype=jnp.int32) - (k - n_above), 0)
+    order = jnp.argsort(~keep, stable=True)[:k]  # kept rows first, in row order
+    return order, keep[order], tie_dropped
+
+
+def _detect_impl(loc, logits, priors, image_sizes, *, s: PostprocessSettings):
+    boxes = _decode_boxes(loc, priors, image_sizes, s.variance)
+    b, _, c = logits.shape
+    steps = s.keep_per_class
+    rows, valid, dropped = _nms_all(boxes, logits.astype(jnp.float32), s)
+    # rows [B, C-1, L, 5], valid [B, C-1, L], dropped [B, C-1]
+    classes = jnp.broadcast_to(jnp.arange(1, c, dtype=jnp.int32)[None, :, None], (b, c - 1, steps))
+    rows = rows.reshape(b, (c - 1) * steps, 5)
+    valid = valid.reshape(b, (c - 1) * steps)
+    classes = classes.reshape(b, (c - 1) * steps)
+    tie_dropped = jnp.zeros(b, jnp.int32)
+    if s.max_per_image > 0:
+        order, valid, tie_dropped = jax.vmap(lambda sc, v: _per_image_cap(sc, v, s.max_per_image))(
+            rows[..., 4], valid
+        )
+        rows = jnp.take_along_axis(rows, order[..., None], axis=1)
+        classes = jnp.where(valid, jnp.take_along_axis(classes, order, axis=1), 1)
+        rows = jnp.where(valid[..., None], rows, 0.0)
+    num_dropped = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), dropped], axis=1)
+    return {
+        "boxes": rows[..., :4],
+        "scores": rows[..., 4],
+        "classes": classes,
+        "valid": valid,
+        "num_dropped": num_dropped,
+        "num_tie_dropped": tie_dropped,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_detect(settings: PostprocessSettings):
+    return jax.jit(functools.partial(_detect_impl, s=settings))
+
+
+def make_detect_fn(cfg: ml_collections.ConfigDict) -> Callable[..., dict]:
+    """The jitted batch detector for `cfg`: fn(loc, logits, priors, image_sizes=None).
+
+    Built once per distinct post-processing setting (cached), so calling `detect` in a loop
+    compiles once per input shape.
+    """
+    fn = _jitted_detect(PostprocessSettings.from_config(cfg))
+
+    def detect_fn(loc, logits, priors, image_sizes=None):
+        return fn(loc, logits, priors, image_sizes)
+
+    return detect_fn
+
+
+def detect(
+    loc: jnp.ndarray,
+    logits: jnp.ndarray,
+    priors: jnp.ndarray | np.ndarray,
+    cfg: ml_collections.ConfigDict,
+    image_sizes: jnp.ndarray | np.ndarray | None = None,
+) -> dict[str, jnp.ndarray]:
+    """Decoded, NMS-ed detections of a batch (the original's Detect + nms_process).
+
+    Args:
+      loc: [B, P, 4] box regressions (the original's encoding and prior order).
+      logits: [B, P, C] raw class logits (softmax over C is applied here; class 0 is
+        background).
+      priors: [P, 4] (cx, cy, w, h) normalized, e.g. `prior_boxes(cfg)`.
+      cfg: config; uses `cfg.postprocess.*` and `cfg.anchors.variance`.
+      image_sizes: [B, 2] (height, width) of the original images; boxes are then in their
+        pixels (and NMS runs there, as the original). None: normalized boxes.
+
+    Returns:
+      dict with (K fixed, see the module docstring):
+        "boxes" [B, K, 4] float32 x1, y1, x2, y2 (not clipped);
+        "scores" [B, K] float32 (decayed scores after soft-NMS);
+        "classes" [B, K] int32 in 1..C-1 (also on padding rows);
+        "valid" [B, K] bool; rows of one class appear in selection order;
+        "num_dropped" [B, C] int32, candidates above score_threshold dropped by
+          candidates_per_class, per class (column 0 is always 0);
+        "num_tie_dropped" [B] int32, rows with a score exactly at the max_per_image
+          threshold that the original would keep but that did not fit in K.
+    Runs as one jitted computation for the whole batch (works under an outer jit and with
+    a batch-sharded input).
+    """
+    return make_detect_fn(cfg)(loc, logits, priors, image_sizes)

@@ -1,0 +1,109 @@
+"""`m2det export`: inference checkpoint (float32 / bfloat16) and the jax.export serving
+artefact reloaded and compared with in-process JAX; `m2det benchmark` prints its table."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import config_path
+from test_inference import OVERRIDES, tiny_variables
+
+from m2det_jax import load_config
+from m2det_jax.checkpoints import load_variables, save_variables
+from m2det_jax.data.augment import normalize
+from m2det_jax.evaluate import make_inference_fn
+from m2det_jax.export import export, load_serving
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = load_config(config_path("tiny"), OVERRIDES)
+    v = tiny_variables(cfg)
+    ckpt = save_variables(tmp_path_factory.mktemp("ckpt") / "vars", v, cfg, source="test")
+    return cfg, v, ckpt
+
+
+def test_export_cli_round_trip(setup, tmp_path):
+    from m2det_jax.cli import main
+
+    cfg, v, ckpt = setup
+    out = tmp_path / "export"
+    rc = main(
+        [
+            "export",
+            "--config",
+            config_path("tiny"),
+            *("--config." + o for o in OVERRIDES),
+            "--checkpoint",
+            str(ckpt),
+            "--output",
+            str(out),
+            "--serving",
+            "jax",
+        ]
+    )
+    assert rc == 0
+    meta = json.loads((out / "serving.json").read_text())
+    assert meta["format"] == "jax" and meta["batch"] == "b" and meta["input_size"] == 64
+    # Inference checkpoint: params + batch_stats, identical values.
+    got = load_variables(out / "variables", cfg)
+    assert set(got) == {"params", "batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(v))
+    # Serving artefact (symbolic batch): 3 images, compared with the in-process network.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 64, 64, 3), np.uint8)
+    hw = np.array([[100, 200], [64, 64], [30, 41]], np.float32)
+    served = jax.device_get(load_serving(os.path.join(out, "serving.jax_export"))(images, hw))
+    p = cfg.preprocess
+    x = normalize(images, p.channel_order, p.pixel_means, p.pixel_scale)
+    ref = jax.device_get(make_inference_fn(cfg)(v, x, hw))
+    assert ref["valid"].sum() > 0
+    np.testing.assert_array_equal(served["valid"], ref["valid"])
+    np.testing.assert_array_equal(served["classes"], ref["classes"])
+    m = ref["valid"]
+    np.testing.assert_allclose(served["boxes"][m], ref["boxes"][m], atol=1e-4)
+    np.testing.assert_allclose(served["scores"][m], ref["scores"][m], atol=1e-6)
+
+
+def test_bf16_inference_checkpoint(setup, tmp_path):
+    cfg, v, _ = setup
+    export(cfg, v, str(tmp_path), bf16=True, serving="none")
+    got = load_variables(tmp_path / "variables", cfg)
+    assert {str(a.dtype) for a in jax.tree.leaves(got)} == {"float32"}
+    want = jax.tree.map(
+        lambda a: np.asarray(a).astype(jax.numpy.bfloat16).astype(np.float32), jax.device_get(v)
+    )
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_benchmark_cli_prints_table(setup, capsys):
+    from m2det_jax.cli import main
+
+    _, _, ckpt = setup
+    rc = main(
+        [
+            "benchmark",
+            "--config",
+            config_path("tiny"),
+            *("--config." + o for o in OVERRIDES),
+            "--checkpoint",
+            str(ckpt),
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    for row in (
+        "paper: batch 1, net + NMS",
+        "throughput: batch 2",
+        "postprocess only: original",
+        "postprocess only: standard",
+        "FPS",
+        "img/s",
+    ):
+        assert row in text, row

@@ -1,0 +1,136 @@
+"""`m2det detect` on a folder (with a corrupt file) and test-time augmentation properties,
+on configs/tiny.py with random weights (loc head scaled down so boxes stay finite)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import config_path
+from PIL import Image
+
+from m2det_jax import build_model, load_config
+from m2det_jax.checkpoints import save_variables
+from m2det_jax.inference import detect_tta, make_detector, tta_passes
+
+# Small NMS work: the tests are about plumbing, not NMS (tested in test_postprocess.py).
+OVERRIDES = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50"]
+
+
+def tiny_variables(cfg, seed=0):
+    """Random weights without compiling `model.init` (slow on a busy 2-core CPU): kernels
+    N(0, 1/fan_in), BN identity; loc kernels x1e-3 (large random regressions overflow exp in
+    decode), conf kernels x5 (peaky scores, so some rows pass the thresholds)."""
+    model = build_model(cfg)
+    s = cfg.model.input_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        names = [str(getattr(k, "key", "")) for k in path]
+        if len(a.shape) >= 2:
+            x = rng.normal(0, 1 / np.sqrt(np.prod(a.shape[:-1])), a.shape)
+            x *= 1e-3 if names[1].startswith("loc") else 5 if names[1].startswith("conf") else 1
+        elif names[-1] in ("bias", "mean"):
+            x = np.zeros(a.shape)
+        else:
+            x = np.ones(a.shape)
+        return jnp.asarray(x, a.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = load_config(config_path("tiny"), OVERRIDES)
+    v = tiny_variables(cfg)
+    ckpt = save_variables(tmp_path_factory.mktemp("ckpt") / "vars", v, cfg, source="test")
+    return cfg, v, ckpt
+
+
+def _mirror(b):
+    return jnp.stack([1.0 - b[..., 2], b[..., 1], 1.0 - b[..., 0], b[..., 3]], -1)
+
+
+def test_detect_cli_folder_with_corrupt_file(setup, tmp_path, capsys):
+    from m2det_jax.cli import main
+
+    _, _, ckpt = setup
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), np.uint8)).save(src / "a.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(src / "b.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "detect",
+            "--config",
+            config_path("tiny"),
+            *("--config." + o for o in OVERRIDES),
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--score_threshold",
+            "0.2",
+            "--class_names",
+            "circle,square,triangle",
+        ]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "detections.json"]
+    rows = json.loads((out / "detections.json").read_text())
+    assert [os.path.basename(r["file"]) for r in rows] == ["a.png", "b.png"]
+    assert (rows[0]["width"], rows[0]["height"]) == (80, 48)
+    assert Image.open(out / "a.png").size == (80, 48)
+    for r in rows:
+        for d in r["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
+            assert d["score"] >= 0.2 and 1 <= d["class"] <= 3
+            assert d["label"] == ["circle", "square", "triangle"][d["class"] - 1]
+    assert sum(len(r["detections"]) for r in rows) > 0  # conf x5: some confident rows
+
+
+def test_flip_pass_mirrors_back(setup):
+    cfg, v, _ = setup
+    rng = np.random.default_rng(1)
+    half = rng.integers(0, 255, (64, 32, 3), np.uint8)
+    sym = np.concatenate([half, half[:, ::-1]], axis=1)  # symmetric, already 64 x 64
+    (b0, s0), (b1, s1) = tta_passes(v, [sym], cfg, (64,), flip=True)
+    # Same input twice: the flipped pass is the plain one, mirrored.
+    np.testing.assert_allclose(b1, _mirror(b0), atol=1e-6)
+    np.testing.assert_allclose(s1, s0, atol=1e-6)
+    # Any image: the flipped pass of X is the plain pass of flip(X), mirrored.
+    x = rng.integers(0, 255, (64, 64, 3), np.uint8)
+    (_, _), (bf, sf) = tta_passes(v, [x], cfg, (64,), flip=True)
+    (bp, sp), _ = tta_passes(v, [np.ascontiguousarray(x[:, ::-1])], cfg, (64,), flip=True)
+    np.testing.assert_allclose(bf, _mirror(bp), atol=1e-6)
+    np.testing.assert_allclose(sf, sp, atol=1e-6)
+
+
+def test_tta_single_size_equals_plain_detect_and_shapes_fixed(setup):
+    cfg, v, _ = setup
+    rng = np.random.default_rng(2)
+    ims = [rng.integers(0, 255, (50, 70, 3), np.uint8), rng.integers(0, 255, (64, 64, 3), np.uint8)]
+    plain = make_detector(cfg, v, batch_size=2)(ims)
+    tta = jax.device_get(detect_tta(v, ims, cfg, sizes=(64,), flip=False))
+    assert plain["valid"].sum() > 0
+    np.testing.assert_array_equal(tta["valid"], plain["valid"])
+    np.testing.assert_array_equal(tta["classes"], plain["classes"])
+    m = plain["valid"]
+    np.testing.assert_allclose(tta["boxes"][m], plain["boxes"][m], atol=1e-3)
+    np.testing.assert_allclose(tta["scores"][m], plain["scores"][m], atol=1e-5)
+    # Several sizes + flip: 4 passes merged, same fixed output layout.
+    multi = jax.device_get(detect_tta(v, ims, cfg, sizes=(64, 96), flip=True))
+    for k in plain:
+        assert multi[k].shape == plain[k].shape, k
+    assert np.isfinite(multi["boxes"]).all() and multi["valid"].sum() > 0
