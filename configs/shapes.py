@@ -23,7 +23,6 @@ def get_config():
     c.model.sfam_reduction = 8
 
     c.data.dataset = "shapes"
-    c.data.data_dir = "~/tensorflow_datasets"
     c.data.max_boxes = 8
     c.data.expand_prob = 0.3
     c.data.eval_batch_size = 50

@@ -246,7 +246,8 @@ def _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn, pro
         data_state = restored["data"].get(str(jax.process_index()))
         if data_state is not None and hasattr(data_iter, "set_state"):
             data_iter.set_state(data_state)
-        print(f"resumed from {ckpt_dir} at step {latest}", flush=True) if is_main else None
+        if is_main:
+            print(f"resumed from {ckpt_dir} at step {latest}", flush=True)
     else:
         init_vars = None
         if cfg.train.init_checkpoint:

@@ -163,3 +163,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
 def _has_rows(wd):
     f = wd / "metrics.jsonl"
     return f.exists() and f.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
+    from m2det_jax.checkpoints import ConfigMismatchError
+    from m2det_jax.train import train_and_evaluate
+    from synthetic import make_synthetic
+
+    wd = tmp_path / "run"
+    _run(["train", str(wd), "1"], _env(cache_dir))
+    cfg = load_config(config_path("tiny"), ["model.num_classes=6", "train.num_steps=2"])
+    with pytest.raises(ConfigMismatchError, match="model.num_classes: checkpoint 4, config 6"):
+        train_and_evaluate(cfg, str(wd), train_iterator_fn=make_synthetic,
+                           num_train_examples=64, evaluate_fn=lambda c, v, s: {},
+                           progress=False)

@@ -142,7 +142,7 @@ def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.Da
     """
     d = cfg.data
     data_dir = os.fspath(data_dir) if data_dir is not None else d.get("data_dir")
-    data_dir = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
     if d.dataset == "shapes":
         from m2det_jax.data.shapes import build_shapes
 
