@@ -26,10 +26,19 @@ def iou(a: jnp.ndarray, b: jnp.ndarray, pixel_offset: float = 0.0) -> jnp.ndarra
     lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
     rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
     wh = jnp.maximum(rb - lt + pixel_offset, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0] + pixel_offset) * (a[:, 3] - a[:, 1] + pixel_offset)
-    area_b = (b[:, 2] - b[:, 0] + pixel_offset) * (b[:, 3] - b[:, 1] + pixel_offset)
+    # The max/clip guards stop XLA from fusing a product into the following add (FMA),
+    # which would change the last bit versus the original's float arithmetic and with it
+    # which prior wins an exactly tied match.
+    inter = jnp.maximum(wh[..., 0] * wh[..., 1], 0.0)
+    area_a = _no_fma((a[:, 2] - a[:, 0] + pixel_offset) * (a[:, 3] - a[:, 1] + pixel_offset))
+    area_b = _no_fma((b[:, 2] - b[:, 0] + pixel_offset) * (b[:, 3] - b[:, 1] + pixel_offset))
     return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def _no_fma(x: jnp.ndarray) -> jnp.ndarray:
+    """Identity on finite float32 values that XLA cannot fuse into a multiply-add."""
+    big = jnp.finfo(x.dtype).max
+    return jnp.clip(x, -big, big)
 
 
 def encode(matched: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jnp.ndarray:
