@@ -80,8 +80,12 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
 
     data_dir, _ = shapes
     wd = tmp_path / "run"
+    with pytest.raises(SystemExit, match="model.num_classes=4 but dataset 'shapes' has 4"):
+        main(["train", "--config", config_path("tiny"), "--workdir", str(tmp_path / "bad"),
+              "--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",
+              "--config.data.shapes_num_train=16", "--config.data.shapes_num_validation=8"])
     rc = main(["train", "--config", config_path("tiny"), "--workdir", str(wd),
-               "--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",
+               "--config.model.num_classes=5", "--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",
                "--config.data.shapes_num_train=16", "--config.data.shapes_num_validation=8",
                "--config.train.num_steps=3", "--config.train.log_every=1",
                "--config.train.batch_size=4", "--config.data.eval_batch_size=3",
@@ -98,7 +102,7 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
     assert em["num_images"] == 8 and em["step"] == 3  # 8 images, padded batches of 3
     assert os.path.isfile(wd / "config.json") and os.path.isfile(wd / "command.txt")
     # `m2det eval` on the training workdir reproduces the same numbers.
-    cfg_args = ["--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",
+    cfg_args = ["--config.model.num_classes=5", "--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",
                 "--config.data.shapes_num_train=16", "--config.data.shapes_num_validation=8",
                 "--config.data.eval_batch_size=3", "--config.postprocess.score_threshold=0.01"]
     rc = main(["eval", "--config", config_path("tiny"), "--checkpoint", str(wd),

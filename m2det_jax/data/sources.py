@@ -140,6 +140,12 @@ def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.Da
       cfg: config; reads cfg.data.{dataset, data_dir, shapes_*, image_dir, annotation_file}.
       data_dir: overrides cfg.data.data_dir (None there means TFDS's default ~/tensorflow_datasets).
     """
+    builder = _open_builder(cfg, data_dir)
+    check_num_classes(cfg, builder)
+    return builder
+
+
+def _open_builder(cfg, data_dir) -> tfds.core.DatasetBuilder:
     d = cfg.data
     data_dir = os.fspath(data_dir) if data_dir is not None else d.get("data_dir")
     data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
@@ -198,6 +204,17 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
             f"{builder.data_dir!r} ({type(e).__name__}: {e}). Prepare it first (array_record "
             f"format; TFDS Python API with download=False / a local data_dir)."
         ) from e
+
+
+def check_num_classes(cfg, builder: tfds.core.DatasetBuilder) -> None:
+    """model.num_classes must hold the dataset's classes plus background 0."""
+    n = builder.info.features["objects"]["label"].num_classes
+    if cfg.model.num_classes < n + 1:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but dataset "
+            f"{cfg.data.dataset!r} has {n} classes: set model.num_classes={n + 1} "
+            "(classes + background)"
+        )
 
 
 def category_ids(builder: tfds.core.DatasetBuilder) -> list[int]:
