@@ -104,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50  # steps between metrics rows / TensorBoard scalars
     c.train.checkpoint_every = 1000  # steps between (async) checkpoints
     c.train.keep_checkpoints = 3
-    c.train.eval_every = 0  # steps between evaluations (0: only at the end)
+    c.train.eval_every = 0  # steps between evaluations (0: only at the end, < 0: never)
     c.train.init_checkpoint = ""  # `m2det convert` output: full model or backbone only
 
     c.data = ml_collections.ConfigDict()

@@ -324,8 +324,8 @@ def _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn, pro
             bar.update(1)
         if is_ckpt:
             save(step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < n_steps:
-            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+        if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
+            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log, workdir)
     if bar is not None:
         bar.close()
     if mngr.latest_step() != step:
