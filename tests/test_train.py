@@ -167,9 +167,10 @@ def _has_rows(wd):
 
 @pytest.mark.slow
 def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
+    from synthetic import make_synthetic
+
     from m2det_jax.checkpoints import ConfigMismatchError
     from m2det_jax.train import train_and_evaluate
-    from synthetic import make_synthetic
 
     wd = tmp_path / "run"
     _run(["train", str(wd), "1"], _env(cache_dir))
