@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from m2det_jax.data.sources import coco_features
+
 log = logging.getLogger(__name__)
 
 
@@ -132,22 +134,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=c.description,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "image/filename": tfds.features.Text(),
-                    "image/id": np.int64,
-                    "objects": tfds.features.Sequence(
-                        {
-                            "area": np.int64,
-                            "bbox": tfds.features.BBoxFeature(),
-                            "id": np.int64,
-                            "is_crowd": np.bool_,
-                            "label": tfds.features.ClassLabel(names=names),
-                        }
-                    ),
-                }
-            ),
+            features=coco_features(names, "jpeg"),
             metadata=tfds.core.MetadataDict(
                 category_ids=ids,
                 build_stats={"clipped_boxes": 0, "invalid_boxes": 0, "unknown_category": 0},

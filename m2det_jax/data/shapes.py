@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
+from m2det_jax.data.sources import coco_features
+
 CLASS_NAMES = ("circle", "square", "triangle", "cross")
 _SPLIT_IDS = {"train": 0, "validation": 1}
 
@@ -148,22 +150,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Synthetic shapes for object detection (m2det_jax).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                    "image/filename": tfds.features.Text(),
-                    "image/id": np.int64,
-                    "objects": tfds.features.Sequence(
-                        {
-                            "area": np.int64,
-                            "bbox": tfds.features.BBoxFeature(),
-                            "id": np.int64,
-                            "is_crowd": np.bool_,
-                            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                        }
-                    ),
-                }
-            ),
+            features=coco_features(CLASS_NAMES, "png"),
             metadata=tfds.core.MetadataDict(category_ids=list(range(1, len(CLASS_NAMES) + 1))),
         )
 

@@ -122,6 +122,22 @@ STAT_KEYS = (
 )
 
 
+def coco_features(class_names, encoding_format: str) -> tfds.features.FeaturesDict:
+    """The feature spec of TFDS coco/2017, which our own builders share."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
+        "image/filename": tfds.features.Text(),
+        "image/id": np.int64,
+        "objects": tfds.features.Sequence({
+            "area": np.int64,
+            "bbox": tfds.features.BBoxFeature(),
+            "id": np.int64,
+            "is_crowd": np.bool_,
+            "label": tfds.features.ClassLabel(names=list(class_names)),
+        }),
+    })  # fmt: skip
+
+
 def new_stats() -> dict[str, int]:
     return dict.fromkeys(STAT_KEYS, 0)
 
