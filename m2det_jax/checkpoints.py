@@ -112,13 +112,9 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
             state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore()))["state"]  # fmt: skip
         return {"params": state["params"], "batch_stats": state["batch_stats"]}
-    from m2det_jax.models import build_model
+    from m2det_jax.models import abstract_variables
 
-    model = build_model(cfg)
-    s = cfg.model.input_size
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, s, s, 3), jax.numpy.float32))
-    )
+    abstract = abstract_variables(cfg)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     modules = meta.get("modules")
     if modules is not None:  # e.g. a backbone-only checkpoint

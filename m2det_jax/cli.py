@@ -187,13 +187,9 @@ def cmd_train(args, cfg) -> int:
 
 
 def cmd_eval(args, cfg) -> int:
-    from m2det_jax.checkpoints import ConfigMismatchError, load_variables
     from m2det_jax.evaluate import evaluate_variables
 
-    try:
-        variables = load_variables(args.checkpoint, cfg)
-    except (ConfigMismatchError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    variables = _load_checkpoint(args.checkpoint, cfg)
     os.makedirs(args.workdir, exist_ok=True)
     m = evaluate_variables(cfg, variables, workdir=args.workdir)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},

@@ -183,18 +183,12 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _abstract_variables(cfg) -> dict[str, Any]:
+def _abstract_shapes(cfg) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
 
-    from m2det_jax.models import build_model
+    from m2det_jax.models import abstract_variables
 
-    model = build_model(cfg)
-    s = cfg.model.input_size
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    )
-    return jax.tree.map(lambda x: tuple(x.shape), shapes)
+    return jax.tree.map(lambda x: tuple(x.shape), abstract_variables(cfg))
 
 
 def _lookup(tree, path):
@@ -256,7 +250,7 @@ def convert_torch_state_dict(
 
     unknown = sorted(k for k in sd if k not in table and k not in ignorable)
     missing = sorted(k for k in table if k not in sd)
-    abstract = _abstract_variables(cfg)
+    abstract = _abstract_shapes(cfg)
     wrong = []
     out: dict[str, Any] = {}
     for key, (coll, path, kind) in table.items():

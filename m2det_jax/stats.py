@@ -45,16 +45,13 @@ def count_macs(model, variables, input_size: int, batch: int = 1) -> int:
 
 def model_summary(cfg) -> dict:
     """Params, GMACs per image and priors of `cfg` (shapes only, nothing is computed)."""
-    from m2det_jax.models import build_model
+    from m2det_jax.models import abstract_variables, build_model
     from m2det_jax.priors import prior_boxes
 
     model = build_model(cfg)
-    s = cfg.model.input_size
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    )
+    variables = abstract_variables(cfg, model)
     return {
         "params": count_params(variables["params"]),
-        "gmacs": count_macs(model, variables, s) / 1e9,
+        "gmacs": count_macs(model, variables, cfg.model.input_size) / 1e9,
         "priors": int(prior_boxes(cfg).shape[0]),
     }

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from conftest import config_path
 
-from m2det_jax import load_config
 from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, to_coco_results
 from m2det_jax.data import sources
 from m2det_jax.data.shapes import build_shapes
@@ -111,4 +110,3 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
     em2 = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert em2["AP"] == pytest.approx(em["AP"], abs=1e-6)
     assert em2["num_detections"] == em["num_detections"]
-    load_config(config_path("tiny"))

@@ -138,13 +138,14 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
     steps = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
     last = max(_losses(wd))
     assert steps and steps[-1] >= last
-    # Resume continues from there.
-    import orbax.checkpoint as ocp
+    # The saved step restores: its variables load for the same config.
+    import jax
 
-    from m2det_jax.checkpoints import read_meta  # noqa: F401 - import check only
+    from m2det_jax.checkpoints import load_variables
 
-    with ocp.CheckpointManager(str(wd / "checkpoints")) as m:
-        assert m.latest_step() == steps[-1]
+    restored = load_variables(wd, load_config(config_path("tiny")))
+    assert set(restored) == {"params", "batch_stats"}
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
 
 
 @pytest.mark.slow

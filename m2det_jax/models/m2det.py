@@ -102,6 +102,17 @@ class M2Det(nn.Module):
         }
 
 
+def abstract_variables(cfg, model: M2Det | None = None):
+    """The variable tree of `cfg` as ShapeDtypeStructs (nothing is computed)."""
+    import jax
+
+    model = model or build_model(cfg)
+    s = cfg.model.input_size
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
+    )
+
+
 def build_model(cfg) -> M2Det:
     """The M2Det module for `cfg` (validated)."""
     from m2det_jax.config import validate
