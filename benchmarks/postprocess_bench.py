@@ -14,7 +14,9 @@ and for the original-compatible preset (linear soft-NMS, +1 IoU, no per-image ca
 standard preset (`standard_postprocess`: IoU without +1, 100 per image).
 
 Columns:
-  jax       jitted `detect`, compile excluded, median of --repeats.
+  jax       jitted `detect` on inputs already on the device (the network's outputs),
+            compile excluded, median of --repeats; `layout` is the static layout it ran
+            (`postprocess.layout_index`: fast / sparse / tiered / plain).
   np full   the original algorithm in numpy: per-class Python loop, the C soft-NMS loop
             (each step vectorised in numpy) run to the end, no candidate cap. This is
             what the original's nms_process computes; the original runs the soft-NMS loop
@@ -171,7 +173,8 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch 1, 81 classes")
     header = (
         f"{'size':>4} {'priors':>6} {'case':>8} {'preset':>8} {'cands':>6} {'maxcls':>6} "
-        f"{'jax ms':>8} {'np full ms':>10} {'np 50 ms':>9} {'x full':>7} {'x 50':>6}"
+        f"{'layout':>22} {'jax ms':>8} {'np full ms':>10} {'np 50 ms':>9} {'x full':>7} "
+        f"{'x 50':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -189,7 +192,9 @@ def main():
             for preset, c in presets:
                 p = c.postprocess
                 fn = postprocess.make_detect_fn(c)
-                inputs = (loc[None], logits[None], priors, hw[None])
+                # On the device already, as the network's outputs are in eval/detect.
+                inputs = tuple(jax.device_put(a) for a in (loc[None], logits[None], priors,
+                                                          hw[None]))  # fmt: skip
                 jax.block_until_ready(fn(*inputs))  # compile
                 t_jax = _median_time(
                     functools.partial(lambda f, a: jax.block_until_ready(f(*a)), fn, inputs),
@@ -200,9 +205,18 @@ def main():
                     functools.partial(numpy_detect, *np_args, False), args.full_repeats
                 )
                 t_50 = _median_time(functools.partial(numpy_detect, *np_args, True), args.repeats)
+                layouts = postprocess._layouts(
+                    80,
+                    len(priors),
+                    p.candidates_per_class,
+                    postprocess.PostprocessSettings.from_config(c),
+                )
+                u, tiers = layouts[postprocess.layout_index(logits[None], c)]
+                lay = f"{u}:" + "+".join(f"{r}x{k}" for r, k in tiers)
                 print(
                     f"{size:>4} {len(priors):>6} {kind:>8} {preset:>8} {int(above.sum()):>6} "
-                    f"{int(above.sum(0).max()):>6} {t_jax:>8.1f} {t_full:>10.1f} {t_50:>9.1f} "
+                    f"{int(above.sum(0).max()):>6} {lay:>22} {t_jax:>8.2f} {t_full:>10.1f} "
+                    f"{t_50:>9.1f} "
                     f"{t_full / t_jax:>6.1f}x {t_50 / t_jax:>5.1f}x",
                     flush=True,
                 )

@@ -86,6 +86,9 @@ class PostprocessSettings:
     pixel_offset: int = 1
     variance: tuple[float, float] = (0.1, 0.2)
     # Speed only (results are identical): see `_layouts`.
+    fast_priors: int = 256
+    fast_classes: int = 8
+    fast_candidates: int = 64
     tier_classes: int = 16
     tier_candidates: int = 64
     sparse_priors: int = 512
@@ -421,6 +424,8 @@ def _run_tasks(boxes, cls_scores, task_cls, s: PostprocessSettings, kb: int):
 
 
 # A layout: (number of priors U kept before the per-class work, ((classes, buffer), ...)).
+# The tiers cover the busiest classes first; classes past the last tier must have no
+# candidate at all (they produce no rows).
 Layout = tuple[int, tuple[tuple[int, int], ...]]
 
 
@@ -431,26 +436,103 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
     is a top-k over the priors for every class. Most images have candidates in a few
     priors and a few classes, so besides the plain layout (every class, every prior, the
     full `candidates_per_class` buffer) cheaper ones are compiled and the first that is
-    exact for the batch at hand runs (`lax.switch`); all give identical results:
-      * tiered: the `tier_classes` busiest classes of each image get the full buffer, the
-        others a `tier_candidates` buffer (needs: every other class has at most that many
-        candidates);
-      * sparse + tiered: the same on only the first `sparse_priors` priors that have a
-        candidate in some class, in prior order (needs: no image has more such priors).
+    exact for the batch at hand runs (`lax.switch`); all give the same rows:
+      * sparse (U = `fast_priors`, then `sparse_priors`): only the first U priors that may
+        hold a candidate, in prior order (needs: no image has more such priors; "may"
+        is decided without the softmax, see `_maybe_candidates`). Within them:
+          - fast: only the `fast_classes` busiest classes, a `fast_candidates` buffer
+            (needs: every other class has no candidate, none has more than that);
+          - tiered: the `tier_classes` busiest classes of each image get the full
+            buffer, the others a `tier_candidates` buffer (needs: every other class has
+            at most that many candidates);
+          - every class with the full buffer (always exact within U);
+      * all priors: tiered, then plain.
     """
-    busy = min(num_cls, s.tier_classes)
-    small = min(kc, s.tier_candidates)
-    tiers = ((num_cls, kc),)
-    if 1 <= busy < num_cls and 1 <= small < kc:
-        tiers = ((busy, kc), (num_cls - busy, small))
     out: list[Layout] = []
-    if 1 <= s.sparse_priors < num_priors:
-        u = s.sparse_priors
-        out.append((u, tuple((r, min(kb, u)) for r, kb in tiers)))
-    if len(tiers) > 1:
-        out.append((num_priors, tiers))
-    out.append((num_priors, ((num_cls, kc),)))
+    sparse = sorted({u for u in (s.fast_priors, s.sparse_priors) if 1 <= u < num_priors})
+    for u in [*sparse, num_priors]:
+        ku = min(kc, u)
+        cands = []
+        fast_r, fast_k = min(num_cls, s.fast_classes), min(ku, s.fast_candidates)
+        if u < num_priors and fast_r >= 1 and fast_k >= 1:
+            cands.append((u, ((fast_r, fast_k),)))
+        busy, small = min(num_cls, s.tier_classes), min(ku, s.tier_candidates)
+        if 1 <= busy < num_cls and 1 <= small < ku:
+            cands.append((u, ((busy, ku), (num_cls - busy, small))))
+        cands.append((u, ((num_cls, ku),)))
+        for lay in cands:
+            if lay not in out:
+                out.append(lay)
     return out
+
+
+def _layout_fits(layout: Layout, sorted_counts: jnp.ndarray, num_cls: int, kc: int):
+    """Whether `layout` is exact for every image, given candidate counts per class sorted
+    busiest first ([B, C-1]) over the layout's U priors."""
+    u, tiers = layout
+    ok = jnp.bool_(True)
+    start = 0
+    for r, kb in tiers:
+        if kb < min(kc, u):  # a buffer that could truncate where the plain one doesn't
+            ok = ok & jnp.all(sorted_counts[:, start] <= kb)
+        start += r
+    if start < num_cls:  # classes left out must have nothing to do
+        ok = ok & jnp.all(sorted_counts[:, start] == 0)
+    return ok
+
+
+def _maybe_candidates(logits: jnp.ndarray, score_threshold: float) -> jnp.ndarray:
+    """[B, P, C] -> [B, P] bool: a superset of the priors with a candidate, without exp.
+
+    A score is exp(l - max) / sum with sum >= 1, so score > t needs exp(l - max) > t,
+    i.e. l - max > log t, hence l - l0 > log t (max >= l0, and float subtraction is
+    monotone). Class 0 itself always passes (0 > log t), so a prior may hold a candidate
+    iff at least two classes pass. The margin (1e-3 in log space) covers the rounding of
+    exp by orders of magnitude; the exact test is redone on the priors kept.
+    """
+    if score_threshold <= 0:
+        return jnp.ones(logits.shape[:2], bool)
+    if score_threshold >= 1:
+        return jnp.zeros(logits.shape[:2], bool)
+    thr = np.float32(np.log(score_threshold) - 1e-3)
+    passing = jnp.sum((logits - logits[..., :1]) > thr, axis=-1, dtype=jnp.int32)  # [B, P]
+    return passing >= 2
+
+
+def _first_priors(mask: jnp.ndarray, u: int):
+    """The first `u` priors where mask is True, in prior order: idx [B, u], valid [B, u].
+
+    top_k of a key that decreases with the prior index (XLA:CPU's top_k is several times
+    faster than a cumsum + scatter compaction here); slots past the count are padding.
+    """
+    b, p = mask.shape
+    key = jnp.where(mask, (p - jnp.arange(p)).astype(jnp.float32), 0.0)
+    _, idx = lax.top_k(key, u)  # [B, u]
+    valid = jnp.arange(u)[None, :] < jnp.sum(mask, axis=1, dtype=jnp.int32)[:, None]
+    return idx, valid
+
+
+def _run_layout(tiers, boxes, cls_scores, order, s: PostprocessSettings):
+    """NMS of the busiest classes per `tiers` on [B, U] priors -> class-ordered
+    rows [B, C-1, L, 5], valid [B, C-1, L], dropped [B, C-1]."""
+    b, num_cls, _ = cls_scores.shape
+    if len(tiers) == 1 and tiers[0][0] == num_cls:  # every class, in class order
+        task_cls = jnp.broadcast_to(jnp.arange(num_cls, dtype=order.dtype), (b, num_cls))
+        return _run_tasks(boxes, cls_scores, task_cls, s, tiers[0][1])
+    outs, start = [], 0
+    for r, kb in tiers:
+        outs.append(_run_tasks(boxes, cls_scores, order[:, start : start + r], s, kb))
+        start += r
+    rows, valid, dropped = (jnp.concatenate(x, axis=1) for x in zip(*outs, strict=True))
+    # Busiest-first back to class order; classes without a task produce nothing.
+    steps = s.keep_per_class
+    bi = jnp.arange(b)[:, None]
+    cls = order[:, :start]
+    return (
+        jnp.zeros((b, num_cls, steps, 5), rows.dtype).at[bi, cls].set(rows),
+        jnp.zeros((b, num_cls, steps), bool).at[bi, cls].set(valid),
+        jnp.zeros((b, num_cls), dropped.dtype).at[bi, cls].set(dropped),
+    )
 
 
 def _nms_all(boxes, logits, s: PostprocessSettings):
@@ -459,57 +541,68 @@ def _nms_all(boxes, logits, s: PostprocessSettings):
     b, p, c = logits.shape
     num_cls = c - 1
     kc = min(s.candidates_per_class, p)
-    m, total = _softmax_parts(logits)
-    above = _softmax_rows(logits, m, total)[:, :, 1:] > s.score_threshold  # [B, P, C-1]
-    counts = jnp.sum(above, axis=1, dtype=jnp.int32)  # [B, C-1]
-    order = jnp.argsort(-counts, axis=1, stable=True)  # busiest classes first
-    sorted_counts = jnp.take_along_axis(counts, order, axis=1)
-    cand_prior = jnp.any(above, axis=2)  # [B, P]
-    num_cand_priors = jnp.sum(cand_prior, axis=1, dtype=jnp.int32)  # [B]
-
-    def run(layout: Layout, boxes, logits, m, total):
-        u, tiers = layout
-        if u < p:
-            # The first u priors with a candidate, in prior order (top_k of a key that
-            # decreases with the index; ties, i.e. padding, in index order).
-            key = jnp.where(cand_prior, (p - jnp.arange(p)).astype(jnp.float32), 0.0)
-            _, pidx = lax.top_k(key, u)  # [B, u]
-            take = lambda a: jnp.take_along_axis(a, pidx[:, :, None], axis=1)  # noqa: E731
-            boxes, logits, m, total = take(boxes), take(logits), take(m), take(total)
-        sub_scores = _softmax_rows(logits, m, total)[:, :, 1:]  # [B, u, C-1]
-        sub_boxes = boxes
-        cls_scores = jnp.swapaxes(sub_scores, 1, 2)  # [B, C-1, u]
-        if len(tiers) == 1:  # every class, in class order
-            task_cls = jnp.broadcast_to(jnp.arange(num_cls, dtype=order.dtype), (b, num_cls))
-            return _run_tasks(sub_boxes, cls_scores, task_cls, s, tiers[0][1])
-        outs, start = [], 0
-        for r, kb in tiers:
-            task_cls = order[:, start : start + r]
-            outs.append(_run_tasks(sub_boxes, cls_scores, task_cls, s, kb))
-            start += r
-        rows, valid, dropped = (jnp.concatenate(x, axis=1) for x in zip(*outs, strict=True))
-        inv = jnp.argsort(order, axis=1)  # busiest-first back to class order
-        return (
-            jnp.take_along_axis(rows, inv[:, :, None, None], axis=1),
-            jnp.take_along_axis(valid, inv[:, :, None], axis=1),
-            jnp.take_along_axis(dropped, inv, axis=1),
-        )
-
     layouts = _layouts(num_cls, p, kc, s)
-    operands = (boxes, logits, m, total)
-    if len(layouts) == 1:
-        return run(layouts[0], *operands)
-    fits = []
+    groups: dict[int, list] = {}
     for u, tiers in layouts:
-        ok = jnp.all(num_cand_priors <= u)
-        start = 0
-        for r, kb in tiers:
-            if kb < min(kc, u):  # a buffer that could truncate where the plain one doesn't
-                ok = ok & jnp.all(sorted_counts[:, start] <= kb)
-            start += r
-        fits.append(ok)
-    index = jnp.argmax(jnp.stack(fits))  # the first layout that is exact
-    return lax.switch(index, [functools.partial(run, layout) for layout in layouts], *operands)
+        groups.setdefault(u, []).append(tiers)
+
+    def run_group(u, boxes, logits):
+        slot_valid = None
+        if u < p:
+            pidx, slot_valid = _first_priors(maybe, u)  # [B, u]
+            take = lambda a: jnp.take_along_axis(a, pidx[:, :, None], axis=1)  # noqa: E731
+            boxes, logits = take(boxes), take(logits)
+        scores = _softmax_rows(logits, *_softmax_parts(logits))[:, :, 1:]  # [B, U, C-1]
+        if slot_valid is not None:  # padding slots are never candidates
+            scores = jnp.where(slot_valid[:, :, None], scores, -jnp.inf)
+        counts = jnp.sum(scores > s.score_threshold, axis=1, dtype=jnp.int32)  # [B, C-1]
+        order = jnp.argsort(-counts, axis=1, stable=True)  # busiest classes first
+        sorted_counts = jnp.take_along_axis(counts, order, axis=1)
+        cls_scores = jnp.swapaxes(scores, 1, 2)  # [B, C-1, U]
+        fns = [functools.partial(_run_layout, t, s=s) for t in groups[u]]
+        if len(fns) == 1:
+            return fns[0](boxes, cls_scores, order)
+        fits = [_layout_fits((u, t), sorted_counts, num_cls, kc) for t in groups[u]]
+        index = jnp.argmax(jnp.stack(fits))  # the first exact layout (the last always is)
+        return lax.switch(index, fns, boxes, cls_scores, order)
+
+    us = list(groups)
+    if len(us) == 1:
+        return run_group(us[0], boxes, logits)
+    maybe = _maybe_candidates(logits, s.score_threshold)  # [B, P]
+    num_maybe = jnp.sum(maybe, axis=1, dtype=jnp.int32)  # [B]
+    fits = jnp.stack([jnp.all(num_maybe <= u) if u < p else jnp.bool_(True) for u in us])
+    branches = [functools.partial(run_group, u) for u in us]
+    return lax.switch(jnp.argmax(fits), branches, boxes, logits)
+
+
+def layout_index(logits, cfg_or_settings) -> int:
+    """Which of `_layouts` `detect` runs for this batch of logits ([B, P, C]): its index.
+
+    For tests and benchmarks (not jitted); `detect` makes the same choice on device.
+    """
+    s = cfg_or_settings
+    if not isinstance(s, PostprocessSettings):
+        s = PostprocessSettings.from_config(s)
+    logits = jnp.asarray(logits, jnp.float32)
+    b, p, c = logits.shape
+    kc = min(s.candidates_per_class, p)
+    layouts = _layouts(c - 1, p, kc, s)
+    maybe = _maybe_candidates(logits, s.score_threshold)
+    for i, (u, tiers) in enumerate(layouts):
+        if u < p and not bool(jnp.all(jnp.sum(maybe, axis=1) <= u)):
+            continue
+        lg = logits
+        if u < p:
+            pidx, slot_valid = _first_priors(maybe, u)
+            lg = jnp.take_along_axis(logits, pidx[:, :, None], axis=1)
+            lg = jnp.where(slot_valid[:, :, None], lg, -jnp.inf)
+            lg = lg.at[:, :, 0].set(jnp.where(slot_valid, lg[:, :, 0], 0.0))
+        scores = _softmax_rows(lg, *_softmax_parts(lg))[:, :, 1:]
+        counts = jnp.sort(jnp.sum(scores > s.score_threshold, axis=1), axis=1)[:, ::-1]
+        if bool(_layout_fits((u, tiers), counts, c - 1, kc)):
+            return i
+    raise AssertionError("the last layout always fits")  # pragma: no cover
 
 
 def _per_image_cap(scores, valid, max_per_image: int):
