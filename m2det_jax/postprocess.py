@@ -51,7 +51,9 @@ are compiled alongside the plain one and picked per batch with `lax.switch` (`_l
 a candidate: an exp-free pre-filter finds them, the softmax is computed on those rows only
 and the NMS runs on the busiest classes with small buffers. (That softmax of gathered
 rows can differ from the softmax of all rows in the last bit: XLA rounds exp and the class
-sum differently for different shapes; both are within 1e-6 of the original's.)
+sum differently for different shapes; both are within 1e-6 of the original's. Two
+candidates whose scores are equal in exact arithmetic but rounded apart may then be
+selected in the other order, as they may be between the original and any float32 port.)
 
 Float32 exactness: XLA:CPU contracts `a * b + c` into fused multiply-adds, which the
 original's C float code does not; the IoU here guards its products against contraction
@@ -446,7 +448,8 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
         hold a candidate, in prior order (needs: no image has more such priors; "may"
         is decided without the softmax, see `_maybe_candidates`). Within them:
           - fast: only the `fast_classes` busiest classes, a `fast_candidates` buffer
-            (needs: every other class has no candidate, none has more than that);
+            (needs: every other class has no candidate, none has more than that), then
+            the same classes with the full buffer;
           - tiered: the `tier_classes` busiest classes of each image get the full
             buffer, the others a `tier_candidates` buffer (needs: every other class has
             at most that many candidates);
@@ -458,9 +461,12 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
     for u in [*sparse, num_priors]:
         ku = min(kc, u)
         cands = []
-        fast_r, fast_k = min(num_cls, s.fast_classes), min(ku, s.fast_candidates)
-        if u < num_priors and fast_r >= 1 and fast_k >= 1:
-            cands.append((u, ((fast_r, fast_k),)))
+        fast_r = min(num_cls, s.fast_classes)
+        if u < num_priors and fast_r >= 1:
+            fast_k = min(ku, s.fast_candidates)
+            if fast_k >= 1:
+                cands.append((u, ((fast_r, fast_k),)))
+            cands.append((u, ((fast_r, ku),)))
         busy, small = min(num_cls, s.tier_classes), min(ku, s.tier_candidates)
         if 1 <= busy < num_cls and 1 <= small < ku:
             cands.append((u, ((busy, ku), (num_cls - busy, small))))
