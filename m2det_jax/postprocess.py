@@ -92,7 +92,7 @@ class PostprocessSettings:
     candidates_per_class: int = 1000
     pixel_offset: int = 1
     variance: tuple[float, float] = (0.1, 0.2)
-    # Speed only (results are identical): see `_layouts`.
+    # Speed only (the same rows): see `_layouts`.
     fast_priors: int = 256
     fast_classes: int = 8
     fast_candidates: int = 64
@@ -546,51 +546,69 @@ def _run_layout(tiers, boxes, cls_scores, order, s: PostprocessSettings):
     )
 
 
+def _group_inputs(u: int, boxes, logits, maybe, s: PostprocessSettings):
+    """The per-class work's inputs over a layout group's U priors (all P when U = P):
+    boxes [B, U, 4], cls_scores [B, C-1, U] (-inf on padding slots), order [B, C-1]
+    (busiest classes first) and sorted_counts [B, C-1] (candidates per class, busiest
+    first)."""
+    p = logits.shape[1]
+    slot_valid = None
+    if u < p:
+        pidx, slot_valid = _first_priors(maybe, u)  # [B, u]
+        take = lambda a: jnp.take_along_axis(a, pidx[:, :, None], axis=1)  # noqa: E731
+        boxes, logits = take(boxes), take(logits)
+    scores = _softmax_rows(logits, *_softmax_parts(logits))[:, :, 1:]  # [B, U, C-1]
+    if slot_valid is not None:  # padding slots are never candidates
+        scores = jnp.where(slot_valid[:, :, None], scores, -jnp.inf)
+    counts = jnp.sum(scores > s.score_threshold, axis=1, dtype=jnp.int32)  # [B, C-1]
+    order = jnp.argsort(-counts, axis=1, stable=True)
+    sorted_counts = jnp.take_along_axis(counts, order, axis=1)
+    return boxes, jnp.swapaxes(scores, 1, 2), order, sorted_counts
+
+
+def _layout_groups(num_cls: int, p: int, kc: int, s: PostprocessSettings):
+    """`_layouts` grouped by U, in order: {U: [(flat layout index, tiers), ...]}."""
+    groups: dict[int, list] = {}
+    for i, (u, tiers) in enumerate(_layouts(num_cls, p, kc, s)):
+        groups.setdefault(u, []).append((i, tiers))
+    return groups
+
+
+def _group_fits(groups, maybe, p: int) -> jnp.ndarray:
+    """[groups] bool: which groups hold every image's possible-candidate priors."""
+    num_maybe = jnp.sum(maybe, axis=1, dtype=jnp.int32)  # [B]
+    return jnp.stack([jnp.all(num_maybe <= u) if u < p else jnp.bool_(True) for u in groups])
+
+
 def _nms_all(boxes, logits, s: PostprocessSettings):
     """Per-class NMS of a batch: boxes [B, P, 4], logits [B, P, C] (float32) ->
     rows [B, C-1, L, 5], valid [B, C-1, L], dropped [B, C-1]."""
     b, p, c = logits.shape
     num_cls = c - 1
     kc = min(s.candidates_per_class, p)
-    layouts = _layouts(num_cls, p, kc, s)
-    groups: dict[int, list] = {}
-    for u, tiers in layouts:
-        groups.setdefault(u, []).append(tiers)
+    groups = _layout_groups(num_cls, p, kc, s)
+    maybe = _maybe_candidates(logits, s.score_threshold) if len(groups) > 1 else None
 
     def run_group(u, boxes, logits):
-        slot_valid = None
-        if u < p:
-            pidx, slot_valid = _first_priors(maybe, u)  # [B, u]
-            take = lambda a: jnp.take_along_axis(a, pidx[:, :, None], axis=1)  # noqa: E731
-            boxes, logits = take(boxes), take(logits)
-        scores = _softmax_rows(logits, *_softmax_parts(logits))[:, :, 1:]  # [B, U, C-1]
-        if slot_valid is not None:  # padding slots are never candidates
-            scores = jnp.where(slot_valid[:, :, None], scores, -jnp.inf)
-        counts = jnp.sum(scores > s.score_threshold, axis=1, dtype=jnp.int32)  # [B, C-1]
-        order = jnp.argsort(-counts, axis=1, stable=True)  # busiest classes first
-        sorted_counts = jnp.take_along_axis(counts, order, axis=1)
-        cls_scores = jnp.swapaxes(scores, 1, 2)  # [B, C-1, U]
-        fns = [functools.partial(_run_layout, t, s=s) for t in groups[u]]
+        boxes, cls_scores, order, sorted_counts = _group_inputs(u, boxes, logits, maybe, s)
+        fns = [functools.partial(_run_layout, t, s=s) for _, t in groups[u]]
         if len(fns) == 1:
             return fns[0](boxes, cls_scores, order)
-        fits = [_layout_fits((u, t), sorted_counts, num_cls, kc) for t in groups[u]]
+        fits = [_layout_fits((u, t), sorted_counts, num_cls, kc) for _, t in groups[u]]
         index = jnp.argmax(jnp.stack(fits))  # the first exact layout (the last always is)
         return lax.switch(index, fns, boxes, cls_scores, order)
 
     us = list(groups)
     if len(us) == 1:
         return run_group(us[0], boxes, logits)
-    maybe = _maybe_candidates(logits, s.score_threshold)  # [B, P]
-    num_maybe = jnp.sum(maybe, axis=1, dtype=jnp.int32)  # [B]
-    fits = jnp.stack([jnp.all(num_maybe <= u) if u < p else jnp.bool_(True) for u in us])
     branches = [functools.partial(run_group, u) for u in us]
-    return lax.switch(jnp.argmax(fits), branches, boxes, logits)
+    return lax.switch(jnp.argmax(_group_fits(groups, maybe, p)), branches, boxes, logits)
 
 
 def layout_index(logits, cfg_or_settings) -> int:
     """Which of `_layouts` `detect` runs for this batch of logits ([B, P, C]): its index.
 
-    For tests and benchmarks (not jitted); `detect` makes the same choice on device.
+    For tests and benchmarks (not jitted); the same helpers as `detect`'s own choice.
     """
     s = cfg_or_settings
     if not isinstance(s, PostprocessSettings):
@@ -598,22 +616,15 @@ def layout_index(logits, cfg_or_settings) -> int:
     logits = jnp.asarray(logits, jnp.float32)
     b, p, c = logits.shape
     kc = min(s.candidates_per_class, p)
-    layouts = _layouts(c - 1, p, kc, s)
+    groups = _layout_groups(c - 1, p, kc, s)
     maybe = _maybe_candidates(logits, s.score_threshold)
-    for i, (u, tiers) in enumerate(layouts):
-        if u < p and not bool(jnp.all(jnp.sum(maybe, axis=1) <= u)):
-            continue
-        lg = logits
-        if u < p:
-            pidx, slot_valid = _first_priors(maybe, u)
-            lg = jnp.take_along_axis(logits, pidx[:, :, None], axis=1)
-            lg = jnp.where(slot_valid[:, :, None], lg, -jnp.inf)
-            lg = lg.at[:, :, 0].set(jnp.where(slot_valid, lg[:, :, 0], 0.0))
-        scores = _softmax_rows(lg, *_softmax_parts(lg))[:, :, 1:]
-        counts = jnp.sort(jnp.sum(scores > s.score_threshold, axis=1), axis=1)[:, ::-1]
-        if bool(_layout_fits((u, tiers), counts, c - 1, kc)):
+    u = list(groups)[int(jnp.argmax(_group_fits(groups, maybe, p)))]
+    boxes = jnp.zeros((b, p, 4), jnp.float32)
+    *_, sorted_counts = _group_inputs(u, boxes, logits, maybe, s)
+    for i, tiers in groups[u]:
+        if bool(_layout_fits((u, tiers), sorted_counts, c - 1, kc)):
             return i
-    raise AssertionError("the last layout always fits")  # pragma: no cover
+    raise AssertionError("the last layout of a group always fits")  # pragma: no cover
 
 
 def _per_image_cap(scores, valid, max_per_image: int):
