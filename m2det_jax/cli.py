@@ -225,8 +225,9 @@ def cmd_detect(args, cfg) -> int:
     try:
         results = detect_files(
             cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
-            class_names=names, batch_size=args.batch, tta_sizes=_int_list(args.tta_sizes),
-            tta_flip=args.tta_flip)  # fmt: skip
+            class_names=names, batch_size=args.batch,
+            tta_sizes=_int_list(args.tta_sizes) or tuple(cfg.tta.sizes),
+            tta_flip=args.tta_flip or bool(cfg.tta.flip))  # fmt: skip
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{len(results)} images -> {os.path.join(args.output, 'detections.json')}")
@@ -292,18 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated names of classes 1..C-1 (default 'class k')")
     sp.add_argument("--batch", type=int, default=1, help="images per forward pass")
     sp.add_argument("--tta_sizes", default=None,
-                    help="multi-scale test-time augmentation, e.g. 320,384,448")
-    sp.add_argument("--tta_flip", action="store_true", help="add horizontally flipped passes")
-    sp = add("export", "inference checkpoint + serving artefact (jax.export)", cmd_export)
+                    help="multi-scale test-time augmentation, e.g. 320,384,448 "
+                         "(default: --config.tta.sizes)")
+    sp.add_argument("--tta_flip", action="store_true",
+                    help="add horizontally flipped passes (or --config.tta.flip=True)")
+    sp = add("export", "inference checkpoint + serving artefact (jax.export or TF SavedModel)",
+             cmd_export)  # fmt: skip
     sp.add_argument("--checkpoint", required=True,
                     help="variables checkpoint (m2det convert / export) or a train workdir")
     sp.add_argument("--output", required=True, help="output folder")
     sp.add_argument("--bf16", action="store_true", help="store weights as bfloat16")
     sp.add_argument("--batch", type=int, default=0,
-                    help="serving batch size (0: symbolic batch dimension)")
-    sp.add_argument("--serving", choices=("auto", "jax", "savedmodel", "none"), default="auto",
-                    help="serving artefact: jax.export, TF SavedModel (needs orbax-export), "
-                         "auto (SavedModel when importable, else jax.export)")
+                    help="serving batch size (0: symbolic for jax.export, 1 for savedmodel)")
+    sp.add_argument("--serving", choices=("auto", "jax", "savedmodel", "none"), default="jax",
+                    help="serving artefact: jax.export (default), TF SavedModel with a fixed "
+                         "batch (needs the savedmodel extra), auto (SavedModel when "
+                         "importable, else jax.export) or none")
     sp = add("benchmark", "speed as the paper measures it (batch 1, net + NMS) + throughput",
              cmd_benchmark)  # fmt: skip
     sp.add_argument("--checkpoint", default=None, help="variables (default: random weights)")

@@ -84,6 +84,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.postprocess.candidates_per_class = 1000
     c.postprocess.pixel_offset = 1  # 1 = the original's +1-pixel IoU
 
+    # Test-time augmentation for `m2det eval`, training's evaluation and `m2det detect`
+    # (the paper's multi-scale setting): the input sizes to run (empty: only
+    # model.input_size, no TTA) and horizontally flipped passes; every pass's candidates
+    # are merged and suppressed once more with `postprocess`.
+    c.tta = ml_collections.ConfigDict()
+    c.tta.sizes = ()
+    c.tta.flip = False
+
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64  # global batch: 16 per GPU x 4 GPUs (original README)
     c.train.base_lr = 0.004
@@ -189,6 +197,19 @@ def validate(cfg) -> None:
         raise ValueError(f"anchors.variance={cfg.anchors.variance}: two values")
     # Geometry: raises with the offending size if the TUM cannot be built.
     from m2det_jax.priors import feature_map_sizes
+
+    tta = cfg.get("tta")
+    if tta is not None:
+        sizes = tuple(tta.sizes)
+        if not all(isinstance(v, int) and v > 0 for v in sizes):
+            raise ValueError(f"tta.sizes={sizes}: positive integer input sizes")
+        for v in sizes:  # the TUM must build at every size
+            at_size = cfg.copy_and_resolve_references()
+            at_size.model.input_size = v
+            try:
+                feature_map_sizes(at_size)
+            except ValueError as e:
+                raise ValueError(f"tta.sizes={sizes}: size {v}: {e}") from None
 
     fm = feature_map_sizes(cfg)
     if cfg.anchors.steps is not None and len(cfg.anchors.steps) != m.num_scales:

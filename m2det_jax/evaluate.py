@@ -2,7 +2,9 @@
 
 Every image of the split is scored exactly once (the last batch is padded and masked);
 images without detections still count. Boxes go back to original pixels, classes to
-COCO category ids.
+COCO category ids. With `cfg.tta.sizes` / `cfg.tta.flip` every image runs at each size
+(and mirrored) and the merged candidates are suppressed once more
+(`inference.detect_tta`'s passes).
 """
 
 from __future__ import annotations
@@ -37,13 +39,20 @@ def make_inference_fn(cfg, mesh=None):
                                         shd.batch_sharding(mesh)))  # fmt: skip
 
 
+def tta_enabled(cfg) -> bool:
+    tta = cfg.get("tta")
+    return tta is not None and (bool(tuple(tta.sizes)) or bool(tta.flip))
+
+
 def predict_split(
     cfg, variables, *, builder=None, split=None, mesh=None
 ) -> dict[str, np.ndarray]:
-    """Detections for every image of `split` on this host: numpy arrays over images."""
+    """Detections for every image of `split` (all hosts'): numpy arrays over images."""
     from m2det_jax.data import pipeline, sources
 
     builder = builder if builder is not None else sources.open_builder(cfg)
+    if tta_enabled(cfg):
+        return _predict_split_tta(cfg, variables, builder, split)
     mesh = mesh or shd.make_mesh()
     it = pipeline.make_eval_iterator(cfg, builder=builder, split=split)
     infer = make_inference_fn(cfg, mesh)
@@ -68,6 +77,54 @@ def predict_split(
             rows[k].append(np.asarray(dets[k])[m])
         rows["image_id"].append(np.asarray(extra["image_id"])[m])
     return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def _predict_split_tta(cfg, variables, builder, split) -> dict[str, np.ndarray]:
+    """`predict_split` with test-time augmentation (cfg.tta).
+
+    One in-order eval iterator per size (the same images, masks and padding in the same
+    order, each resized from the original with the eval pipeline's bilinear resize); the
+    passes of a batch are merged and suppressed per image. Runs on this host's devices
+    (the passes are not batch-sharded); hosts' results are gathered at the end.
+    """
+    from m2det_jax.data import pipeline
+    from m2det_jax.inference import cached_decoded_fn, cached_pass_fn, config_for_size
+
+    sizes = tuple(int(v) for v in cfg.tta.sizes) or (int(cfg.model.input_size),)
+    flip = bool(cfg.tta.flip)
+    its = [
+        pipeline.make_eval_iterator(config_for_size(cfg, s), builder=builder, split=split)
+        for s in sizes
+    ]
+    variables = jax.device_put(jax.device_get(variables), jax.local_devices()[0])
+    merge = cached_decoded_fn(cfg)
+    rows: dict[str, list] = {k: [] for k in ("boxes", "scores", "classes", "valid", "image_id")}
+    for _ in range(its[0].num_batches):
+        passes, batch = [], None
+        for s, it in zip(sizes, its, strict=True):
+            batch = next(it)
+            passes += cached_pass_fn(cfg, s, flip)(variables, batch["image"])
+        boxes = jax.numpy.concatenate([p[0] for p in passes], axis=1)
+        scores = jax.numpy.concatenate([p[1] for p in passes], axis=1)
+        m = np.asarray(batch["mask"], bool)
+        hw = np.where(m[:, None], batch["orig_size"], 1).astype(np.float32)
+        dets = jax.device_get(merge(boxes, scores, hw))
+        for k in ("boxes", "scores", "classes", "valid"):
+            rows[k].append(np.asarray(dets[k])[m])
+        rows["image_id"].append(np.asarray(batch["image_id"])[m])
+    out = {k: np.concatenate(v) for k, v in rows.items()}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Hosts hold different numbers of images: pad to the largest, gather, unpad.
+        n = np.asarray(multihost_utils.process_allgather(np.int32(len(out["image_id"]))))
+        top = int(n.max())
+        padded = {k: np.concatenate([v, np.zeros((top - len(v),) + v.shape[1:], v.dtype)])
+                  for k, v in out.items()}  # fmt: skip
+        gathered = multihost_utils.process_allgather(padded)
+        out = {k: np.concatenate([np.asarray(g[i])[: n[i]] for i in range(len(n))])
+               for k, g in gathered.items()}  # fmt: skip
+    return out
 
 
 def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,

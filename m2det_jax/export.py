@@ -10,8 +10,11 @@
     with a symbolic batch dimension; reload with `load_serving` (or
     `jax.export.deserialize(bytearray(data)).call(images, image_sizes)`) from any JAX of a
     compatible version, no m2det_jax code required.
-  - `out/saved_model/` (TF SavedModel through orbax-export, only where `orbax.export` and
-    TensorFlow import: the optional extra).
+  - `out/saved_model/` (TF SavedModel through orbax-export / jax2tf, signature
+    "serving_default"; only where `orbax.export` and TensorFlow import: the optional
+    `savedmodel` extra). Its batch size is fixed (`batch`, default 1): TensorFlow 2.21's
+    XlaCallModule cannot refine the symbolic batch through the decomposition of jax's
+    `top_k`, which the NMS uses. Reload with `load_saved_model`.
   - `out/serving.json`: what the served function takes and returns.
 
 The served function: `fn(images, image_sizes)` with `images` uint8 RGB [B, S, S, 3] already
@@ -23,6 +26,7 @@ pixels of image_sizes, scores, classes, valid, num_dropped, num_tie_dropped).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -124,11 +128,51 @@ def savedmodel_available() -> bool:
     return True
 
 
-def export_saved_model(cfg, variables, directory: str) -> None:  # pragma: no cover - needs TF
-    """TF SavedModel of the serving function via orbax-export (signature 'serving_default').
+@contextlib.contextmanager
+def _stablehlo_for_tensorflow():
+    """Serializes jax.export modules for the 12-week compatibility window while active.
 
-    Inputs: {"images": uint8 [None, S, S, 3], "image_sizes": float32 [None, 2]}.
+    jax 0.10 writes StableHLO readable by consumers at most 4 weeks older (1.15 here), and
+    lowers `lax.top_k` to a `chlo.top_k` composite of a newer encoding than TensorFlow
+    2.21's XlaCallModule (StableHLO 1.13.7) reads ("unregistered operation
+    'vhlo.composite_v2'"). jax has no public setting for the target version, so the
+    private serializer is swapped for one targeting the 12-week window (1.13.7) while the
+    SavedModel is written, then restored.
     """
+    from jax._src import xla_bridge
+    from jax._src.export import _export
+    from jax._src.lib import _jax
+    from jax._src.lib.mlir.dialects import hlo
+
+    original = getattr(_export, "_module_to_bytecode", None)
+    if original is None:  # pragma: no cover - guards a jax upgrade past the pinned range
+        raise RuntimeError(
+            "this jax has no jax._src.export._export._module_to_bytecode; "
+            "the SavedModel export needs jax>=0.10.2,<0.11 (see pyproject.toml)"
+        )
+    target = hlo.get_version_from_compatibility_requirement(
+        hlo.StablehloCompatibilityRequirement.WEEK_12
+    )
+
+    def to_bytecode(module):
+        backend = xla_bridge.get_backend()
+        return _jax.mlir.serialize_portable_artifact(module, target, backend.serialize_with_sdy)
+
+    _export._module_to_bytecode = to_bytecode
+    try:
+        yield
+    finally:
+        _export._module_to_bytecode = original
+
+
+def export_saved_model(cfg, variables, directory: str, batch: int = 1) -> None:
+    """TF SavedModel of the serving function via orbax-export (signature "serving_default").
+
+    Inputs: {"images": uint8 [batch, S, S, 3], "image_sizes": float32 [batch, 2]}; outputs
+    the serving function's dict. The batch is fixed (see the module docstring).
+    """
+    if batch < 1:
+        raise ValueError(f"batch={batch}: the SavedModel needs a fixed batch size >= 1")
     import tensorflow as tf
     from orbax.export import ExportManager, JaxModule, ServingConfig
 
@@ -139,19 +183,34 @@ def export_saved_model(cfg, variables, directory: str) -> None:  # pragma: no co
         fn = make_serving_fn(cfg, params)
         return fn(inputs["images"], inputs["image_sizes"])
 
-    module = JaxModule(
-        model_variables,
-        apply_fn,
-        input_polymorphic_shape={"images": "b, ...", "image_sizes": "b, ..."},
-    )
     s = int(cfg.model.input_size)
     spec = {
-        "images": tf.TensorSpec([None, s, s, 3], tf.uint8, name="images"),
-        "image_sizes": tf.TensorSpec([None, 2], tf.float32, name="image_sizes"),
+        "images": tf.TensorSpec([batch, s, s, 3], tf.uint8, name="images"),
+        "image_sizes": tf.TensorSpec([batch, 2], tf.float32, name="image_sizes"),
     }
-    ExportManager(module, [ServingConfig("serving_default", input_signature=[spec])]).save(
-        directory
-    )
+    with _stablehlo_for_tensorflow():
+        module = JaxModule(model_variables, apply_fn)
+        manager = ExportManager(
+            module, [ServingConfig("serving_default", input_signature=[spec])]
+        )
+        manager.save(directory)
+
+
+def load_saved_model(directory: str) -> Callable[..., dict]:
+    """The SavedModel written by `export_saved_model` as fn(images, image_sizes) -> dict of
+    numpy arrays (needs TensorFlow)."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(directory).signatures["serving_default"]
+
+    def fn(images, image_sizes):
+        out = signature(
+            images=tf.constant(np.asarray(images, np.uint8)),
+            image_sizes=tf.constant(np.asarray(image_sizes, np.float32)),
+        )
+        return {k: v.numpy() for k, v in out.items()}
+
+    return fn
 
 
 def export(
@@ -161,11 +220,13 @@ def export(
     *,
     bf16: bool = False,
     batch: int = 0,
-    serving: str = "auto",
+    serving: str = "jax",
 ) -> dict[str, str]:
     """Writes the inference checkpoint and the serving artefact to `output` (see module doc).
 
     Args:
+      batch: the serving batch size; 0 = symbolic for jax.export, 1 for the SavedModel
+        (whose batch is always fixed).
       serving: "jax" (jax.export), "savedmodel" (orbax-export, needs TF), "auto" (SavedModel
         when available, else jax.export) or "none".
     Returns:
@@ -203,8 +264,9 @@ def export(
         if not savedmodel_available():
             raise SystemExit("error: --serving savedmodel needs orbax-export and tensorflow")
         path = os.path.join(output, SAVED_MODEL_DIR)
-        export_saved_model(cfg, inf, path)
-        meta["batch"] = "b"
+        batch = batch if batch > 0 else 1
+        export_saved_model(cfg, inf, path, batch)
+        meta["batch"] = str(batch)
         written["serving"] = path
     elif serving != "none":
         raise ValueError(f"serving={serving!r}: 'auto', 'jax', 'savedmodel' or 'none'")

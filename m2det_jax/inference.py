@@ -191,7 +191,7 @@ def tta_passes(
     out = []
     for s in sizes:
         x, _ = preprocess(images, cfg, s)
-        out += _cached_pass_fn(cfg, int(s), bool(flip))(variables, x)
+        out += cached_pass_fn(cfg, int(s), bool(flip))(variables, x)
     return out
 
 
@@ -202,7 +202,7 @@ def _cfg_key(cfg) -> str:
 _PASS_FNS: dict[tuple[str, int, bool], Callable] = {}
 
 
-def _cached_pass_fn(cfg, size: int, flip: bool):
+def cached_pass_fn(cfg, size: int, flip: bool):
     key = (_cfg_key(cfg), size, flip)
     if key not in _PASS_FNS:
         _PASS_FNS[key] = make_pass_fn(config_for_size(cfg, size), flip)
@@ -212,7 +212,7 @@ def _cached_pass_fn(cfg, size: int, flip: bool):
 _DECODED_FNS: dict[str, Callable] = {}
 
 
-def _cached_decoded_fn(cfg):
+def cached_decoded_fn(cfg):
     key = _cfg_key(cfg)
     if key not in _DECODED_FNS:
         _DECODED_FNS[key] = make_decoded_detect_fn(cfg)
@@ -245,7 +245,7 @@ def detect_tta(
     boxes = jnp.concatenate([p[0] for p in passes], axis=1)  # [B, sum P_s, 4]
     scores = jnp.concatenate([p[1] for p in passes], axis=1)  # [B, sum P_s, C]
     hw = jnp.asarray(np.array([im.shape[:2] for im in images], np.float32))
-    return _cached_decoded_fn(cfg)(boxes, scores, hw)
+    return cached_decoded_fn(cfg)(boxes, scores, hw)
 
 
 # ------------------------------------------------------------------- detection runner

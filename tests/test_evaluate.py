@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import config_path
+from conftest import assert_same_detections, config_path
 
 from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, to_coco_results
 from m2det_jax.data import sources
@@ -110,3 +110,42 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
     em2 = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert em2["AP"] == pytest.approx(em["AP"], abs=1e-6)
     assert em2["num_detections"] == em["num_detections"]
+
+
+def test_tta_eval_scores_every_image_once(shapes, tmp_path):
+    """cfg.tta in evaluation: one size without flip gives the plain detections (through
+    the merge's decode round trip); two sizes + flip merge four passes per image and still
+    score every image of the split once, written to eval_metrics.json."""
+    from test_inference import OVERRIDES, tiny_variables
+
+    from m2det_jax import load_config
+    from m2det_jax.evaluate import evaluate_variables, predict_split
+
+    data_dir, builder = shapes
+    base = [*OVERRIDES, "model.num_classes=5", "data.dataset=shapes", f"data.data_dir={data_dir}",
+            "data.eval_batch_size=3", "postprocess.score_threshold=0.05"]  # fmt: skip
+    cfg = load_config(config_path("tiny"), base)
+    v = tiny_variables(cfg)
+    plain = predict_split(cfg, v, builder=builder)
+    single = predict_split(load_config(config_path("tiny"), [*base, "tta.sizes=(64,)"]), v,
+                           builder=builder)  # fmt: skip
+    assert_same_detections(single, plain, 1e-3, 1e-5, keys=("classes", "image_id"))
+
+    cfg_multi = load_config(config_path("tiny"), [*base, "tta.sizes=(64,96)", "tta.flip=True"])
+    multi = predict_split(cfg_multi, v, builder=builder)
+    assert sorted(multi["image_id"]) == sorted(plain["image_id"]) and len(set(plain["image_id"])) == 8
+    assert multi["boxes"].shape == plain["boxes"].shape
+    assert np.isfinite(multi["boxes"]).all() and multi["valid"].sum() > 0
+    # Boxes are in original pixels (128 x 128 shapes images), as the plain path's.
+    assert np.abs(multi["boxes"][multi["valid"]]).max() < 10 * 128
+    metrics = evaluate_variables(cfg_multi, v, builder=builder, workdir=str(tmp_path))
+    written = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert written["num_images"] == 8 and set(METRIC_NAMES) <= set(written)
+    assert written["num_detections"] == int(multi["valid"].sum()) == metrics["num_detections"]
+
+
+def test_tta_config_errors_name_the_field():
+    from m2det_jax import load_config
+
+    with pytest.raises(ValueError, match=r"tta.sizes=\(64, 8\): size 8"):
+        load_config(config_path("tiny"), ["tta.sizes=(64,8)"])

@@ -1,5 +1,6 @@
-"""`m2det export`: inference checkpoint (float32 / bfloat16) and the jax.export serving
-artefact reloaded and compared with in-process JAX; `m2det benchmark` prints its table."""
+"""`m2det export`: inference checkpoint (float32 / bfloat16), the jax.export serving
+artefact and the TF SavedModel reloaded and compared with in-process JAX; `m2det benchmark`
+prints its table."""
 
 import json
 import os
@@ -7,14 +8,14 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import config_path
+from conftest import assert_same_detections, config_path
 from test_inference import OVERRIDES, tiny_variables
 
 from m2det_jax import load_config
 from m2det_jax.checkpoints import load_variables, save_variables
 from m2det_jax.data.augment import normalize
 from m2det_jax.evaluate import make_inference_fn
-from m2det_jax.export import export, load_serving
+from m2det_jax.export import export, load_saved_model, load_serving, savedmodel_available
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +57,43 @@ def test_export_cli_round_trip(setup, tmp_path):
     images = rng.integers(0, 255, (3, 64, 64, 3), np.uint8)
     hw = np.array([[100, 200], [64, 64], [30, 41]], np.float32)
     served = jax.device_get(load_serving(os.path.join(out, "serving.jax_export"))(images, hw))
+    _assert_same_detections(served, _reference(cfg, v, images, hw))
+
+
+def _reference(cfg, v, images, hw):
     p = cfg.preprocess
     x = normalize(images, p.channel_order, p.pixel_means, p.pixel_scale)
-    ref = jax.device_get(make_inference_fn(cfg)(v, x, hw))
-    assert ref["valid"].sum() > 0
-    np.testing.assert_array_equal(served["valid"], ref["valid"])
-    np.testing.assert_array_equal(served["classes"], ref["classes"])
-    m = ref["valid"]
-    np.testing.assert_allclose(served["boxes"][m], ref["boxes"][m], atol=1e-4)
-    np.testing.assert_allclose(served["scores"][m], ref["scores"][m], atol=1e-6)
+    return jax.device_get(make_inference_fn(cfg)(v, x, hw))
+
+
+def _assert_same_detections(served, ref):
+    assert_same_detections(served, ref, keys=("classes", "num_dropped"))
+
+
+@pytest.mark.skipif(not savedmodel_available(), reason="needs the savedmodel extra (TF)")
+def test_saved_model_round_trip(setup, tmp_path):
+    """`--serving savedmodel`: a TF SavedModel (fixed batch 2) reloaded by TensorFlow gives
+    the in-process detections; its signature carries the fixed shapes."""
+    from m2det_jax.cli import main
+
+    cfg, v, ckpt = setup
+    out = tmp_path / "export"
+    args = ["export", "--config", config_path("tiny"), *("--config." + o for o in OVERRIDES)]
+    args += ["--checkpoint", str(ckpt), "--output", str(out), "--serving", "savedmodel"]
+    assert main([*args, "--batch", "2"]) == 0
+    meta = json.loads((out / "serving.json").read_text())
+    assert meta["format"] == "savedmodel" and meta["batch"] == "2"
+    fn = load_saved_model(str(out / "saved_model"))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (2, 64, 64, 3), np.uint8)
+    hw = np.array([[100, 200], [30, 41]], np.float32)
+    served = fn(images, hw)
+    assert set(served) == {"boxes", "scores", "classes", "valid", "num_dropped", "num_tie_dropped"}
+    _assert_same_detections(served, _reference(cfg, v, images, hw))
+    import tensorflow as tf
+
+    with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
+        fn(images[:1], hw[:1])  # the batch is fixed
 
 
 def test_bf16_inference_checkpoint(setup, tmp_path):
