@@ -1,6 +1,6 @@
 """Speed of `m2det_jax.detect` vs a plain numpy per-class loop (batch 1, CPU).
 
-    python benchmarks/postprocess_bench.py [--repeats 5] [--sizes 320 512]
+    python benchmarks/postprocess_bench.py [--repeats 5] [--sizes 320 512] [--malloc kept]
 
 For 81 classes and the priors of input 320 (12,810) and 512 (32,760), on three kinds of
 synthetic network output:
@@ -25,6 +25,10 @@ Columns:
             gain over the original there.
   np 50     the same numpy loop with `detect`'s shortcuts: candidates_per_class cap and
             stop after keep_per_class selections (rows after that are discarded).
+"np full" is the median of up to --full-repeats runs (fewer once 5 s are spent: the dense
+case takes seconds). `--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first
+(glibc keeps freed memory for reuse instead of unmapping it), for both sides; the default
+leaves the allocator as it is.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 import jax
 import numpy as np
 
-from m2det_jax import postprocess
+from m2det_jax import postprocess, runtime
 from m2det_jax.config import default_config
 from m2det_jax.priors import prior_boxes
 
@@ -154,12 +158,14 @@ def make_logits(kind: str, priors: np.ndarray, num_classes: int, rng) -> np.ndar
     return logits
 
 
-def _median_time(fn, repeats):
+def _median_time(fn, repeats, budget_s=None):
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
+        if budget_s is not None and sum(ts) > budget_s:
+            break
     return 1000 * float(np.median(ts))
 
 
@@ -168,9 +174,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes", type=int, nargs="+", default=[320, 512])
     ap.add_argument("--kinds", nargs="+", default=["typical", "crowded", "dense"])
-    ap.add_argument("--full-repeats", type=int, default=1, help="repeats of 'np full'")
+    ap.add_argument("--full-repeats", type=int, default=5,
+                    help="repeats of 'np full' (fewer once 5 s are spent)")
+    ap.add_argument("--malloc", choices=("default", "kept"), default="default",
+                    help="kept: glibc keeps freed memory (m2det_jax.runtime.keep_freed_memory)")
     args = ap.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch 1, 81 classes")
+    malloc = args.malloc
+    if malloc == "kept" and not runtime.keep_freed_memory():
+        malloc = "default (keep_freed_memory unavailable: not glibc)"
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch 1, 81 classes, "
+          f"malloc {malloc}")
     header = (
         f"{'size':>4} {'priors':>6} {'case':>8} {'preset':>8} {'cands':>6} {'maxcls':>6} "
         f"{'layout':>22} {'jax ms':>8} {'np full ms':>10} {'np 50 ms':>9} {'x full':>7} "
@@ -202,7 +215,7 @@ def main():
                 )
                 np_args = (loc, logits, priors, hw, p, tuple(c.anchors.variance))
                 t_full = _median_time(
-                    functools.partial(numpy_detect, *np_args, False), args.full_repeats
+                    functools.partial(numpy_detect, *np_args, False), args.full_repeats, 5.0
                 )
                 t_50 = _median_time(functools.partial(numpy_detect, *np_args, True), args.repeats)
                 layouts = postprocess._layouts(
