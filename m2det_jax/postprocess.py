@@ -642,15 +642,20 @@ def _per_image_cap(scores, valid, max_per_image: int):
     k = min(max_per_image, r)
     total = jnp.sum(valid, dtype=jnp.int32)
     masked = jnp.where(valid, scores, -jnp.inf)
-    thresh = lax.top_k(masked, k)[0][k - 1]
+    # The k-th largest score as the min of the top k (the same value): taking the last
+    # element instead makes XLA:CPU replace its TopK kernel by a full sort (~6x slower).
+    thresh = jnp.min(lax.top_k(masked, k)[0])
     capped = total > max_per_image
     n_above = jnp.sum(valid & (scores > thresh), dtype=jnp.int32)
     tied = valid & (scores == thresh)
-    tie_rank = jnp.cumsum(tied, dtype=jnp.int32)
+    tie_rank = _cumsum(tied[None])[0]
     keep_capped = valid & ((scores > thresh) | (tied & (tie_rank <= k - n_above)))
     keep = jnp.where(capped, keep_capped, valid)
     tie_dropped = jnp.where(capped, jnp.sum(tied, dtype=jnp.int32) - (k - n_above), 0)
-    order = jnp.argsort(~keep, stable=True)[:k]  # kept rows first, in row order
+    # Kept rows first, in row order: top_k of a key decreasing with the row index (several
+    # times faster than a stable argsort on XLA:CPU); at most k rows are kept.
+    key = jnp.where(keep, (r - jnp.arange(r)).astype(jnp.float32), 0.0)
+    order = lax.top_k(key, k)[1]
     return order, keep[order], tie_dropped
 
 
