@@ -48,21 +48,15 @@ def predict_split(
     cfg, variables, *, builder=None, split=None, mesh=None
 ) -> dict[str, np.ndarray]:
     """Detections for every image of `split` (all hosts'): numpy arrays over images."""
-    from m2det_jax.data import pipeline, sources
+    from m2det_jax.data import sources
 
     builder = builder if builder is not None else sources.open_builder(cfg)
     if tta_enabled(cfg):
-        return _predict_split_tta(cfg, variables, builder, split)
-    mesh = mesh or shd.make_mesh()
-    it = pipeline.make_eval_iterator(cfg, builder=builder, split=split)
-    infer = make_inference_fn(cfg, mesh)
-    variables = shd.replicate(jax.device_get(variables), mesh)
+        batches = _tta_batches(cfg, variables, builder, split)
+    else:
+        batches = _plain_batches(cfg, variables, builder, split, mesh or shd.make_mesh())
     rows: dict[str, list] = {k: [] for k in ("boxes", "scores", "classes", "valid", "image_id")}
-    for _ in range(it.num_batches):
-        batch = next(it)
-        g = shd.global_batch(
-            {"image": batch["image"], "orig_size": batch["orig_size"].astype(np.float32)}, mesh)
-        dets = infer(variables, g["image"], g["orig_size"])
+    for batch, dets in batches:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -79,13 +73,28 @@ def predict_split(
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
-def _predict_split_tta(cfg, variables, builder, split) -> dict[str, np.ndarray]:
-    """`predict_split` with test-time augmentation (cfg.tta).
+def _plain_batches(cfg, variables, builder, split, mesh):
+    """(this host's batch, detections of the global batch) for every eval batch."""
+    from m2det_jax.data import pipeline
+
+    it = pipeline.make_eval_iterator(cfg, builder=builder, split=split)
+    infer = make_inference_fn(cfg, mesh)
+    variables = shd.replicate(jax.device_get(variables), mesh)
+    for _ in range(it.num_batches):
+        batch = next(it)
+        g = shd.global_batch(
+            {"image": batch["image"], "orig_size": batch["orig_size"].astype(np.float32)}, mesh)
+        yield batch, infer(variables, g["image"], g["orig_size"])
+
+
+def _tta_batches(cfg, variables, builder, split):
+    """(this host's batch, its detections) with test-time augmentation (cfg.tta).
 
     One in-order eval iterator per size (the same images, masks and padding in the same
     order, each resized from the original with the eval pipeline's bilinear resize); the
-    passes of a batch are merged and suppressed per image. Runs on this host's devices
-    (the passes are not batch-sharded); hosts' results are gathered at the end.
+    passes of a batch are merged and suppressed per image on this host's first device (the
+    passes are not batch-sharded; every host has the same number of equal batches, so
+    `predict_split` gathers them as it does the plain ones).
     """
     from m2det_jax.data import pipeline
     from m2det_jax.inference import cached_decoded_fn, cached_pass_fn, config_for_size
@@ -98,7 +107,6 @@ def _predict_split_tta(cfg, variables, builder, split) -> dict[str, np.ndarray]:
     ]
     variables = jax.device_put(jax.device_get(variables), jax.local_devices()[0])
     merge = cached_decoded_fn(cfg)
-    rows: dict[str, list] = {k: [] for k in ("boxes", "scores", "classes", "valid", "image_id")}
     for _ in range(its[0].num_batches):
         passes, batch = [], None
         for s, it in zip(sizes, its, strict=True):
@@ -106,25 +114,8 @@ def _predict_split_tta(cfg, variables, builder, split) -> dict[str, np.ndarray]:
             passes += cached_pass_fn(cfg, s, flip)(variables, batch["image"])
         boxes = jax.numpy.concatenate([p[0] for p in passes], axis=1)
         scores = jax.numpy.concatenate([p[1] for p in passes], axis=1)
-        m = np.asarray(batch["mask"], bool)
-        hw = np.where(m[:, None], batch["orig_size"], 1).astype(np.float32)
-        dets = jax.device_get(merge(boxes, scores, hw))
-        for k in ("boxes", "scores", "classes", "valid"):
-            rows[k].append(np.asarray(dets[k])[m])
-        rows["image_id"].append(np.asarray(batch["image_id"])[m])
-    out = {k: np.concatenate(v) for k, v in rows.items()}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        # Hosts hold different numbers of images: pad to the largest, gather, unpad.
-        n = np.asarray(multihost_utils.process_allgather(np.int32(len(out["image_id"]))))
-        top = int(n.max())
-        padded = {k: np.concatenate([v, np.zeros((top - len(v),) + v.shape[1:], v.dtype)])
-                  for k, v in out.items()}  # fmt: skip
-        gathered = multihost_utils.process_allgather(padded)
-        out = {k: np.concatenate([np.asarray(g[i])[: n[i]] for i in range(len(n))])
-               for k, g in gathered.items()}  # fmt: skip
-    return out
+        hw = np.where(batch["mask"][:, None], batch["orig_size"], 1).astype(np.float32)
+        yield batch, jax.device_get(merge(boxes, scores, hw))
 
 
 def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
