@@ -52,7 +52,9 @@ def encode(matched: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jn
 
 def decode(loc: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jnp.ndarray:
     """Regressions -> xyxy boxes (not clipped). x2y2 = x1y1 + wh, as the original.  # [..., 4]"""
-    centre = priors[..., :2] + loc[..., :2] * variance[0] * priors[..., 2:]
-    wh = priors[..., 2:] * jnp.exp(loc[..., 2:] * variance[1])
+    # The products are kept out of fused multiply-adds (`_no_fma`), as in the original's
+    # separate tensor ops, so every XLA program decodes a prior to the same float32 box.
+    centre = priors[..., :2] + _no_fma(loc[..., :2] * variance[0] * priors[..., 2:])
+    wh = _no_fma(priors[..., 2:] * jnp.exp(loc[..., 2:] * variance[1]))
     x1y1 = centre - wh / 2
     return jnp.concatenate([x1y1, x1y1 + wh], axis=-1)

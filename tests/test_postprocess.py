@@ -489,7 +489,7 @@ def test_layouts_are_exact():
         ([300, 250, 200, 30, 20, 10, 5, 0], 600, 0, 8),
         ([300, 250, 200, 150, 100, 50, 30, 10], 600, 0, 9),
     ]
-    fns = {s: jax.jit(lambda b, c, s=s: pp._nms_all(b, c, s)) for s in (small, plain)}
+    fns = {s: jax.jit(lambda lc, c, s=s: pp._nms_all(lc, c, priors, None, s)) for s in (small, plain)}
     for counts, span, lookalike, want_layout in cases:
         logits = np.zeros((1, 600, 9), F32)
         logits[..., 0] = 5.0
@@ -506,8 +506,8 @@ def test_layouts_are_exact():
         # (a prior picked by several classes can end under the threshold in some)
         assert np.all((scores[0, :, 1:] > F32(0.1)).sum(0) <= counts)
         assert pp.layout_index(logits, small) == want_layout, counts
-        want = jax.tree.map(np.asarray, fns[plain](boxes, logits))
-        got = jax.tree.map(np.asarray, fns[small](boxes, logits))
+        want = jax.tree.map(np.asarray, fns[plain](loc, logits))
+        got = jax.tree.map(np.asarray, fns[small](loc, logits))
         assert want[1].any()
         np.testing.assert_array_equal(got[1], want[1])  # valid
         np.testing.assert_array_equal(got[2], want[2])  # dropped
