@@ -15,8 +15,9 @@ standard preset (`standard_postprocess`: IoU without +1, 100 per image).
 
 Columns:
   jax       jitted `detect` on inputs already on the device (the network's outputs),
-            compile excluded, median of --repeats; `layout` is the static layout it ran
-            (`postprocess.layout_index`: fast / sparse / tiered / plain).
+            compile excluded, median of --repeats and at least 1 s of calls; `layout`
+            is the static layout it ran (`postprocess.layout_index`: fast / sparse /
+            tiered / plain).
   np full   the original algorithm in numpy: per-class Python loop, the C soft-NMS loop
             (each step vectorised in numpy) run to the end, no candidate cap. This is
             what the original's nms_process computes; the original runs the soft-NMS loop
@@ -24,7 +25,8 @@ Columns:
             candidates (O(N^2) scalar work vs N numpy steps), so "x full" overstates the
             gain over the original there.
   np 50     the same numpy loop with `detect`'s shortcuts: candidates_per_class cap and
-            stop after keep_per_class selections (rows after that are discarded).
+            stop after keep_per_class selections (rows after that are discarded);
+            median of --repeats and at least 1 s (at most 5 s) of calls.
 "np full" is the median of up to --full-repeats runs (fewer once 5 s are spent: the dense
 case takes seconds). `--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first
 (glibc keeps freed memory for reuse instead of unmapping it), for both sides; the default
@@ -158,9 +160,12 @@ def make_logits(kind: str, priors: np.ndarray, num_classes: int, rng) -> np.ndar
     return logits
 
 
-def _median_time(fn, repeats, budget_s=None):
+def _median_time(fn, repeats, budget_s=None, min_s=0.0):
+    """Median ms of at least `repeats` calls (and at least `min_s` seconds of them, so
+    that millisecond timings are medians of hundreds of calls on a noisy machine); at
+    most `budget_s` seconds when given."""
     ts = []
-    for _ in range(repeats):
+    while len(ts) < repeats or sum(ts) < min_s:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -212,12 +217,15 @@ def main():
                 t_jax = _median_time(
                     functools.partial(lambda f, a: jax.block_until_ready(f(*a)), fn, inputs),
                     args.repeats,
+                    min_s=1.0,
                 )
                 np_args = (loc, logits, priors, hw, p, tuple(c.anchors.variance))
                 t_full = _median_time(
                     functools.partial(numpy_detect, *np_args, False), args.full_repeats, 5.0
                 )
-                t_50 = _median_time(functools.partial(numpy_detect, *np_args, True), args.repeats)
+                t_50 = _median_time(
+                    functools.partial(numpy_detect, *np_args, True), args.repeats, 5.0, 1.0
+                )
                 layouts = postprocess._layouts(
                     80,
                     len(priors),

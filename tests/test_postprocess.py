@@ -445,7 +445,7 @@ def test_81_classes_full_size_priors():
     hw = np.array([[480, 640]], F32)
     settings = pp.PostprocessSettings.from_config(cfg)
     us = [u for u, _ in pp._layouts(80, p, 1000, settings)]
-    assert us == [settings.fast_priors] * 4 + [settings.sparse_priors] * 4 + [p, p]
+    assert us == [settings.fast_priors] * 5 + [settings.sparse_priors] * 5 + [p, p]
     above = [softmax_ref(logits[b])[:, 1:] > F32(0.1) for b in range(2)]
     assert 0 < above[0].any(1).sum() <= settings.sparse_priors
     counts = np.sort(above[1].sum(0))[::-1]
@@ -476,18 +476,21 @@ def test_layouts_are_exact():
         **{**base.__dict__, "tier_classes": 0, "sparse_priors": 0, "fast_priors": 0}
     )
     layouts = pp._layouts(8, 600, 600, small)
-    assert [u for u, _ in layouts] == [100] * 4 + [200] * 4 + [600] * 2
+    assert [u for u, _ in layouts] == [100] * 5 + [200] * 5 + [600] * 2
+    assert [t[0][1] for _, t in layouts[:3]] == [30, 60, 100]  # fast buffers
     assert len(pp._layouts(8, 600, 600, plain)) == 1
     cases = [  # (candidates per class, prior range, look-alike priors) -> layout index
         ([20, 10, 0, 0, 0, 0, 0, 0], 100, 0, 0),
-        ([60, 50, 0, 0, 0, 0, 0, 0], 100, 0, 1),
-        ([60, 50, 30, 5, 5, 0, 0, 0], 100, 0, 2),
-        ([60, 55, 50, 50, 50, 0, 0, 0], 100, 0, 3),
-        ([20, 10, 0, 0, 0, 0, 0, 0], 100, 150, 4),
-        ([60, 50, 30, 5, 5, 0, 0, 0], 200, 0, 6),
-        ([60, 55, 50, 50, 50, 0, 0, 0], 200, 0, 7),
-        ([300, 250, 200, 30, 20, 10, 5, 0], 600, 0, 8),
-        ([300, 250, 200, 150, 100, 50, 30, 10], 600, 0, 9),
+        ([55, 50, 0, 0, 0, 0, 0, 0], 100, 0, 1),
+        ([80, 50, 0, 0, 0, 0, 0, 0], 100, 0, 2),
+        ([60, 50, 30, 5, 5, 0, 0, 0], 100, 0, 3),
+        ([60, 55, 50, 50, 50, 0, 0, 0], 100, 0, 4),
+        ([20, 10, 0, 0, 0, 0, 0, 0], 100, 150, 5),
+        ([120, 50, 0, 0, 0, 0, 0, 0], 200, 0, 7),
+        ([60, 50, 30, 5, 5, 0, 0, 0], 200, 0, 8),
+        ([60, 55, 50, 50, 50, 0, 0, 0], 200, 0, 9),
+        ([300, 250, 200, 30, 20, 10, 5, 0], 600, 0, 10),
+        ([300, 250, 200, 150, 100, 50, 30, 10], 600, 0, 11),
     ]
     fns = {s: jax.jit(lambda lc, c, s=s: pp._nms_all(lc, c, priors, None, s)) for s in (small, plain)}
     for counts, span, lookalike, want_layout in cases:
