@@ -291,9 +291,13 @@ def _first_max(score: jnp.ndarray, live: jnp.ndarray) -> jnp.ndarray:
 def _cumsum(mask: jnp.ndarray) -> jnp.ndarray:
     """Inclusive count along axis 1 of a [N, kb] bool array (int32).
 
-    lax.associative_scan: jnp.cumsum's lowering is several times slower on XLA:CPU (and
-    a matmul with a triangular 0/1 matrix was no faster at kb <= 256).
+    Short rows (the soft-NMS buffers of the sparse layouts) use lax.cumsum: fewer
+    kernels per loop step. Long rows use lax.associative_scan: jnp.cumsum's lowering is
+    several times slower there on XLA:CPU (a matmul with a triangular 0/1 matrix was no
+    faster at kb <= 256).
     """
+    if mask.shape[1] <= 256:
+        return lax.cumsum(mask.astype(jnp.int32), axis=1)
     return lax.associative_scan(jnp.add, mask.astype(jnp.int32), axis=1)
 
 
@@ -373,8 +377,10 @@ def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int
     def body(st):
         i, d, n = st
         live = (pos >= i) & (pos < n[:, None])
-        # First maximum in the current array order (the C loop's strict `<` scan).
-        j = _first_max(d[_SCORE], live)
+        # First maximum in the current array order (the C loop's strict `<` scan): top_k
+        # of 1 puts the lower index first on equal values, in one kernel (a max and a min
+        # reduction are four on XLA:CPU, which splits each reduction in two).
+        j = lax.top_k(jnp.where(live, d[_SCORE], -jnp.inf), 1)[1][:, 0]
         j = jnp.where(i < n, j, i)  # finished tasks: no-op swap
         at_j = _take(d, j[None, :, None], 2)  # [6, N, 1]
         at_i = lax.dynamic_slice_in_dim(d, i, 1, axis=2)
