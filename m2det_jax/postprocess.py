@@ -48,7 +48,7 @@ Speed: the loops run keep_per_class steps at most, all classes and images in loc
 on [tasks, buffer] arrays; cheaper exact variants (few busy classes, few candidate priors)
 are compiled alongside the plain one and picked per batch with `lax.switch` (`_layouts`,
 `layout_index` tells which one ran). On a typical image only a few hundred priors can hold
-a candidate: an exp-free pre-filter finds them, the softmax is computed on those rows only
+a candidate: an exp-free pre-filter finds them, only those rows are decoded and soft-maxed,
 and the NMS runs on the busiest classes with small buffers. (That softmax of gathered
 rows can differ from the softmax of all rows in the last bit: XLA rounds exp and the class
 sum differently for different shapes; both are within 1e-6 of the original's. Two
@@ -58,8 +58,8 @@ selected in the other order, as they may be between the original and any float32
 Float32 exactness: XLA:CPU contracts `a * b + c` into fused multiply-adds, which the
 original's C float code does not; the IoU here guards its products against contraction
 so that IoU and decayed scores are bit-identical to the C loop for identical input boxes.
-(`box_ops.decode` is not guarded, so the decoded boxes themselves can differ in the last
-bit between XLA programs that fuse it differently, e.g. `decode_and_score` vs `detect`.)
+`box_ops.decode` and the scaling to pixels are guarded too, so a prior decodes to the same
+float32 box in every program (`decode_and_score`, `detect` on all priors or on a few).
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ them afterwards. glibc serves allocations above its mmap threshold (at most 32 M
 fresh `mmap` and returns them with `munmap` when freed, so every execution whose buffers
 exceed that pays a page fault (and the kernel's zeroing) for every 4 KiB page it touches,
 about 0.35 ms per MiB on the 2-core development machine. Post-processing at 512 px
-(32,760 priors x 81 classes) has ~44 MB of temporaries: on a crowded image about half of
-its time went to those faults (`benchmarks/postprocess_bench.py --malloc default|kept`).
+(32,760 priors x 81 classes) had ~44 MB of temporaries, and about half of its time on a
+crowded image went to those faults; it now keeps them at 32.1 MB for one image, but a
+batch of several images (or a larger input) exceeds the threshold again
+(`benchmarks/postprocess_bench.py --malloc default|kept`).
 
 Calling it makes glibc keep freed memory in the heap for reuse (`mallopt(M_MMAP_MAX, 0)`,
 `mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`): the resident size then stays at its peak instead of
