@@ -30,12 +30,12 @@ def iou(a: jnp.ndarray, b: jnp.ndarray, pixel_offset: float = 0.0) -> jnp.ndarra
     # which would change the last bit versus the original's float arithmetic and with it
     # which prior wins an exactly tied match.
     inter = jnp.maximum(wh[..., 0] * wh[..., 1], 0.0)
-    area_a = _no_fma((a[:, 2] - a[:, 0] + pixel_offset) * (a[:, 3] - a[:, 1] + pixel_offset))
-    area_b = _no_fma((b[:, 2] - b[:, 0] + pixel_offset) * (b[:, 3] - b[:, 1] + pixel_offset))
+    area_a = no_fma((a[:, 2] - a[:, 0] + pixel_offset) * (a[:, 3] - a[:, 1] + pixel_offset))
+    area_b = no_fma((b[:, 2] - b[:, 0] + pixel_offset) * (b[:, 3] - b[:, 1] + pixel_offset))
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def _no_fma(x: jnp.ndarray) -> jnp.ndarray:
+def no_fma(x: jnp.ndarray) -> jnp.ndarray:
     """Identity on finite float32 values that XLA cannot fuse into a multiply-add."""
     big = jnp.finfo(x.dtype).max
     return jnp.clip(x, -big, big)
@@ -52,9 +52,9 @@ def encode(matched: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jn
 
 def decode(loc: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jnp.ndarray:
     """Regressions -> xyxy boxes (not clipped). x2y2 = x1y1 + wh, as the original.  # [..., 4]"""
-    # The products are kept out of fused multiply-adds (`_no_fma`), as in the original's
+    # The products are kept out of fused multiply-adds (`no_fma`), as in the original's
     # separate tensor ops, so every XLA program decodes a prior to the same float32 box.
-    centre = priors[..., :2] + _no_fma(loc[..., :2] * variance[0] * priors[..., 2:])
-    wh = _no_fma(priors[..., 2:] * jnp.exp(loc[..., 2:] * variance[1]))
+    centre = priors[..., :2] + no_fma(loc[..., :2] * variance[0] * priors[..., 2:])
+    wh = no_fma(priors[..., 2:] * jnp.exp(loc[..., 2:] * variance[1]))
     x1y1 = centre - wh / 2
     return jnp.concatenate([x1y1, x1y1 + wh], axis=-1)

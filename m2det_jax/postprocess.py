@@ -169,7 +169,7 @@ def _decode_boxes(loc, priors, image_sizes, variance):
         hw = jnp.asarray(image_sizes).astype(jnp.float32)  # [B, 2] (height, width)
         scale = jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=-1)  # [B, 4]
         # Kept apart from the later differences x2 - x1 (an FMA there would round once).
-        boxes = box_ops._no_fma(boxes * scale[:, None, :])
+        boxes = box_ops.no_fma(boxes * scale[:, None, :])
     return boxes
 
 
@@ -221,6 +221,17 @@ def _jitted_decode(variance):
 # buffer. All tasks advance in lock step: step i is the i-th selection of every task.
 
 
+# Indices built here are in bounds by construction; saying so lets XLA:CPU emit plain
+# gathers / scatters (the default clamp-and-mask modes made them 3-8x slower on [6, 8, 256]
+# buffers: `python benchmarks/postprocess_kernels.py`).
+_IN = "promise_in_bounds"
+
+
+def _take(a, idx, axis):
+    """take_along_axis with indices known to be in bounds."""
+    return jnp.take_along_axis(a, idx, axis=axis, mode=_IN)
+
+
 def _select_candidates(score_t: jnp.ndarray, count: jnp.ndarray, kb: int, rows=None):
     """Candidates of each task in prior order.
 
@@ -256,7 +267,7 @@ def _select_candidates(score_t: jnp.ndarray, count: jnp.ndarray, kb: int, rows=N
     idx = jnp.where(slot_valid, top_idx, u)
     if (u + 1) * kb < 2**31:
         # Sort (prior, slot) packed in one int32: XLA:CPU sorts one operand ~5x faster
-        # than a (key, value) pair (2 vs 12 ms for 80 x 1000, timed ad hoc).
+        # than a (key, value) pair (`benchmarks/postprocess_kernels.py`).
         key = jnp.sort(idx * kb + jnp.arange(kb, dtype=idx.dtype), axis=1)
         idx, vals = key // kb, _take(vals, key % kb, 1)
     else:  # pragma: no cover (more than 2**31 / kb priors)
@@ -264,28 +275,15 @@ def _select_candidates(score_t: jnp.ndarray, count: jnp.ndarray, kb: int, rows=N
     return idx, vals, n, count - n
 
 
-# Indices built here are in bounds by construction; saying so lets XLA:CPU emit plain
-# gathers / scatters (the default clamp-and-mask modes made them 3-8x slower, timed ad hoc
-# on [6, 8, 256] buffers: 146 -> 18 us for one gather).
-_IN = "promise_in_bounds"
-
-
-def _take(a, idx, axis):
-    """take_along_axis with indices known to be in bounds."""
-    return jnp.take_along_axis(a, idx, axis=axis, mode=_IN)
-
-
 def _first_max(score: jnp.ndarray, live: jnp.ndarray) -> jnp.ndarray:
     """Per task, the first position holding the maximum live score: [N, kb] -> [N].
 
-    (max, then the smallest position equal to it; jnp.argmax's variadic reduction is
-    several times slower on XLA:CPU.) Tasks without a live entry get kb.
+    top_k of 1 puts the lower index first on equal values, in one kernel (a max then a
+    min reduction are four on XLA:CPU, which splits each reduction in two; jnp.argmax's
+    variadic reduction is slower still). A task without a live entry gets some position
+    in 0..kb-1: callers check liveness themselves.
     """
-    kb = score.shape[1]
-    masked = jnp.where(live, score, -jnp.inf)
-    best = jnp.max(masked, axis=1, keepdims=True)
-    pos = jnp.arange(kb, dtype=jnp.int32)[None, :]
-    return jnp.min(jnp.where(live & (masked == best), pos, kb), axis=1)
+    return lax.top_k(jnp.where(live, score, -jnp.inf), 1)[1][:, 0]
 
 
 def _cumsum(mask: jnp.ndarray) -> jnp.ndarray:
@@ -377,10 +375,8 @@ def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int
     def body(st):
         i, d, n = st
         live = (pos >= i) & (pos < n[:, None])
-        # First maximum in the current array order (the C loop's strict `<` scan): top_k
-        # of 1 puts the lower index first on equal values, in one kernel (a max and a min
-        # reduction are four on XLA:CPU, which splits each reduction in two).
-        j = lax.top_k(jnp.where(live, d[_SCORE], -jnp.inf), 1)[1][:, 0]
+        # First maximum in the current array order (the C loop's strict `<` scan).
+        j = _first_max(d[_SCORE], live)
         j = jnp.where(i < n, j, i)  # finished tasks: no-op swap
         at_j = _take(d, j[None, :, None], 2)  # [6, N, 1]
         at_i = lax.dynamic_slice_in_dim(d, i, 1, axis=2)
@@ -421,9 +417,8 @@ def _hard_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int
 
     def body(st):
         i, alive, keep, count = st
-        j = _first_max(d[_SCORE], alive)  # kb where nothing is alive
-        has = j < kb
-        j = jnp.minimum(j, kb - 1)
+        j = _first_max(d[_SCORE], alive)
+        has = jnp.any(alive, axis=1)
         ov, _ = _iou_with(_take(d, j[None, :, None], 2), d, s.pixel_offset)
         alive = alive & ~(ov > s.iou_threshold) & (pos != j[:, None])
         keep = lax.dynamic_update_slice_in_dim(keep, j[:, None], i, axis=1)
@@ -492,7 +487,7 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
           - fast: only the `fast_classes` busiest classes, a `fast_candidates` buffer
             (needs: every other class has no candidate, none has more than that), then
             the same classes with twice that buffer, then with the full buffer (the
-            loops' cost grows with the buffer: 8 x 128 ran in half the time of 8 x 256);
+            loops' cost grows with the buffer: `benchmarks/postprocess_kernels.py`);
           - tiered: the `tier_classes` busiest classes of each image get the full
             buffer, the others a `tier_candidates` buffer (needs: every other class has
             at most that many candidates);

@@ -6,7 +6,7 @@ fresh `mmap` and returns them with `munmap` when freed, so every execution whose
 exceed that pays a page fault (and the kernel's zeroing) for every 4 KiB page it touches,
 about 0.35 ms per MiB on the 2-core development machine. Post-processing at 512 px
 (32,760 priors x 81 classes) had ~44 MB of temporaries, and about half of its time on a
-crowded image went to those faults; it now keeps them at 32.1 MB for one image, but a
+crowded image went to those faults; it now keeps them at 30.7 MiB for one image, but a
 batch of several images (or a larger input) exceeds the threshold again
 (`benchmarks/postprocess_bench.py --malloc default|kept`).
 
