@@ -20,7 +20,10 @@ XLA computation with fixed shapes:
      a decayed box whose score falls below `min_score` is replaced by the last box
      (N decreases). The swap-with-last removals are applied as the C loop does them, so
      ties among equal scores resolve exactly as in the original (first in the current,
-     permuted order). Rows come out in selection order with decayed scores.
+     permuted order). Rows come out in selection order with decayed scores. That array
+     order only matters when a step's maximum is tied, so a cheaper loop that never moves
+     entries runs first and the C-order loop redoes the batch only if it saw such a tie
+     (`_soft_nms_rows`).
    * "hard": greedy NMS (the original's gpu_nms): highest score first, suppress IoU >
      iou_threshold; rows in descending score order with the original scores. Equal scores
      are taken in prior order (the original's argsort order on ties is unspecified).
@@ -399,6 +402,81 @@ def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int
     return d, n
 
 
+def _soft_nms_untied(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
+    """`_soft_nms` without moving entries, exact unless the maximum is tied at some step.
+
+    Where every step's maximum score is unique, the C loop's array order never matters:
+    each entry's score goes through the same decays whatever its position, and the step
+    takes the one maximum. So entries stay where they are, a dead one (selected or
+    removed) gets score -inf, and each step is a top-2 (the maximum and a tie check), a
+    gather of the selected box and one elementwise pass (no swap, no compaction).
+
+    Args / returns as `_soft_nms`, plus `tied` [N]: a step of that task had two live
+    entries at the maximum score; its rows are then not trusted (`_soft_nms` redoes them).
+    The selections (first `steps`) come out in selection order at positions 0..steps-1.
+    """
+    _, nt, kb = d.shape
+    pos = jnp.arange(kb, dtype=jnp.int32)[None, :]
+    score0 = jnp.where(pos < n[:, None], d[_SCORE], -jnp.inf)
+
+    def cond(st):
+        i, *_, busy = st
+        return (i < steps) & busy
+
+    def body(st):
+        i, score, final, rank, tied, _ = st
+        v, j = lax.top_k(score, 1)  # the maximum; the lower index on ties
+        live = v[:, 0] > -jnp.inf
+        chosen = pos == j
+        tied = tied | (live & jnp.any((score == v) & ~chosen, axis=1))
+        sel = _take(d, j[None], 2)  # [6, N, 1]
+        ov, overlap = _iou_with(sel, d, s.pixel_offset)
+        if s.method == "soft_gaussian":
+            weight = jnp.exp(-(ov * ov) / jnp.float32(s.sigma))
+        else:
+            weight = jnp.where(ov > s.iou_threshold, 1.0 - ov, 1.0)
+        hit = overlap & ~chosen
+        decayed = jnp.where(hit, weight * score, score)
+        decayed = jnp.where(hit & (decayed < s.min_score), -jnp.inf, decayed)
+        taken = chosen & live[:, None]
+        rank = jnp.where(taken, i, rank)
+        final = jnp.where(taken, score, final)  # its score at selection
+        score = jnp.where(chosen, -jnp.inf, decayed)
+        return i + 1, score, final, rank, tied, jnp.any(live)
+
+    init = (jnp.int32(0), score0, d[_SCORE], jnp.full((nt, kb), -1, jnp.int32),
+            jnp.zeros(nt, bool), jnp.any(n > 0))  # fmt: skip
+    _, _, final, rank, tied, _ = lax.while_loop(cond, body, init)
+    return final, rank, tied
+
+
+def _soft_nms_rows(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
+    """The first `steps` selections of the original's soft-NMS: rows [6, N, steps] in
+    selection order (decayed scores), count [N].
+
+    `_soft_nms_untied` first; only if some task had a tied maximum, `_soft_nms` (the C
+    loop's array order, exact on ties) redoes the batch.
+    """
+    _, nt, kb = d.shape
+    final, rank, tied = _soft_nms_untied(d, n, s, steps)
+    taken = rank >= 0
+    # src[t, r] = the position selected at step r (a 1-D scatter; other slots dropped).
+    target = jnp.where(taken, jnp.arange(nt)[:, None] * steps + rank, nt * steps)
+    pos = jnp.broadcast_to(jnp.arange(kb, dtype=jnp.int32), (nt, kb))
+    src = jnp.zeros(nt * steps, jnp.int32).at[target.reshape(-1)].set(
+        pos.reshape(-1), mode="drop"
+    ).reshape(nt, steps)
+    rows = _take(d.at[_SCORE].set(final), jnp.broadcast_to(src[None], (6, nt, steps)), 2)
+    count = jnp.sum(taken, axis=1, dtype=jnp.int32)
+
+    # The exact loop runs no step unless a maximum was tied (n = 0 stops it at once; a
+    # lax.cond costs more here than the empty loop).
+    redo = jnp.any(tied)
+    d_exact, n_exact = _soft_nms(d, jnp.where(redo, n, 0), s, steps)
+    rows = jnp.where(redo, d_exact[:, :, :steps], rows)
+    return rows, jnp.where(redo, jnp.minimum(n_exact, steps), count)
+
+
 def _hard_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
     """Greedy NMS on every task (the original's gpu_nms), first `steps` kept boxes.
 
@@ -452,9 +530,7 @@ def _run_tasks(boxes, cls_scores, counts, task_cls, s: PostprocessSettings, kb: 
         keep, count = _hard_nms(d, n, s, steps)
         d = _take(d, jnp.broadcast_to(keep[None], (6,) + keep.shape), 2)
     else:
-        d, n_final = _soft_nms(d, n, s, min(steps, kb))
-        count = jnp.minimum(n_final, steps)
-        d = d[:, :, :steps]
+        d, count = _soft_nms_rows(d, n, s, min(steps, kb))
         if d.shape[2] < steps:
             d = jnp.pad(d, ((0, 0), (0, 0), (0, steps - d.shape[2])))
     rows = jnp.moveaxis(d[:5], 0, -1)  # [B*R, L, 5]
@@ -642,6 +718,16 @@ def _boxes_fn(loc, priors, image_sizes, variance):
     return boxes_of
 
 
+def _first_that_fits(fits, fns, *operands):
+    """fns[i](*operands) for the first i with fits[i] (the last must always fit), as
+    nested two-way conditionals: XLA:CPU's cost of a taken conditional grows with the
+    size of its branches not taken, so a chain keeps the cheap first branches cheap."""
+    if len(fns) == 1:
+        return fns[0](*operands)
+    rest = functools.partial(_first_that_fits, fits[1:], fns[1:])
+    return lax.cond(fits[0], fns[0], rest, *operands)
+
+
 def _nms_all(loc, logits, priors, image_sizes, s: PostprocessSettings):
     """Per-class NMS of a batch: loc [B, P, 4], logits [B, P, C] (float32), priors
     [P, 4], image_sizes [B, 2] or None -> rows [B, C-1, L, 5], valid [B, C-1, L],
@@ -661,8 +747,7 @@ def _nms_all(loc, logits, priors, image_sizes, s: PostprocessSettings):
         if len(fns) == 1:
             return fns[0](boxes, cls_scores, counts, order)
         fits = [_layout_fits((u, t), sorted_counts, num_cls, kc) for _, t in groups[u]]
-        index = jnp.argmax(jnp.stack(fits))  # the first exact layout (the last always is)
-        return lax.switch(index, fns, boxes, cls_scores, counts, order)
+        return _first_that_fits(fits, fns, boxes, cls_scores, counts, order)
 
     us = list(groups)
     if len(us) == 1:

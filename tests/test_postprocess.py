@@ -384,6 +384,46 @@ def test_ties_follow_the_c_loops_array_order():
     np.testing.assert_array_equal(class_rows(out, 0, 1)[:, 0], [0, 32, 64])
 
 
+def test_untied_loop_equals_the_c_order_loop_and_flags_ties():
+    """`_soft_nms_untied` (entries never move) gives the C-order loop's rows, bit for bit,
+    on random buffers with decays and removals; it flags a task exactly when a step's
+    maximum was tied, and `_soft_nms_rows` then returns the C-order rows."""
+    rng = np.random.default_rng(11)
+    nt, kb, steps = 6, 40, 25
+    xy = rng.uniform(0, 60, (nt, kb, 2)).astype(F32)
+    wh = rng.uniform(8, 40, (nt, kb, 2)).astype(F32)
+    score = rng.uniform(0.1, 1.0, (nt, kb)).astype(F32)
+    n = np.array([40, 33, 1, 0, 17, 40], np.int32)
+    for method in ("soft_linear", "soft_gaussian"):
+        s = pp.PostprocessSettings(method=method, min_score=0.05)
+        for tied_tasks in ((), (1, 4)):
+            sc = score.copy()
+            for t in tied_tasks:  # two live entries at the top score
+                sc[t, 3] = sc[t, 7] = F32(1.5)
+            d = pp._stack_buffer((xy[..., 0], xy[..., 1], (xy + wh)[..., 0], (xy + wh)[..., 1],
+                                  sc), s.pixel_offset)  # fmt: skip
+            d_c, n_c = map(np.asarray, jax.jit(pp._soft_nms, static_argnums=(2, 3))(d, n, s, steps))
+            final, rank, tied = map(
+                np.asarray, jax.jit(pp._soft_nms_untied, static_argnums=(2, 3))(d, n, s, steps)
+            )
+            np.testing.assert_array_equal(np.flatnonzero(tied), tied_tasks)
+            rows, count = map(np.asarray, jax.jit(pp._soft_nms_rows, static_argnums=(2, 3))(d, n, s, steps))
+            np.testing.assert_array_equal(count, np.minimum(n_c, steps))
+            assert (count[[0, 1, 5]] == steps).all() and count[2] == 1 and count[3] == 0
+            for t in range(nt):
+                c = count[t]
+                np.testing.assert_array_equal(rows[:5, t, :c], d_c[:5, t, :c])
+                if t in tied_tasks:
+                    continue
+                # the untied loop's own selections, in rank order, are the same rows
+                sel = np.argsort(np.where(rank[t] >= 0, rank[t], kb + 1))[:c]
+                np.testing.assert_array_equal(rank[t, sel], np.arange(c))
+                np.testing.assert_array_equal(final[t, sel], d_c[4, t, :c])
+                np.testing.assert_array_equal(np.asarray(d)[:4, t, sel], d_c[:4, t, :c])
+            assert (np.asarray(d)[4] != d_c[4])[:, :steps].any()  # scores were decayed
+            assert (n_c < n).any()  # and boxes removed
+
+
 def test_saturated_ties_stress():
     """Many boxes at score exactly 1.0 on an exact grid, overlapping in chains and with
     duplicates: the selection order is decided by the C loop's swaps alone."""
