@@ -8,7 +8,11 @@ Prints:
   * a gather from a [6, 8, 256] buffer with the default (clamp-and-mask) index mode vs
     `promise_in_bounds`;
   * sorting 80 x 1000 (prior, score) pairs as a (key, value) sort vs one packed int32 key;
-  * the soft-NMS loop (50 selections, clustered boxes) on 8 x 128 vs 8 x 256 buffers.
+  * the soft-NMS loop (50 selections, clustered boxes) on 8 x 128 vs 8 x 256 buffers;
+  * the C-order soft-NMS loop (swaps, swap-with-last compaction) vs `_soft_nms_rows`
+    (the untied loop, the C-order one only on ties), 50 selections on 16 x 1000;
+  * what code that never runs costs each call: a cond taking a trivial branch, its other
+    branch 0 or 100 sorts (XLA:CPU sets up every buffer of the program per call).
 Each timing is the median of at least 1 s of calls; the pairs run interleaved.
 """
 
@@ -88,6 +92,22 @@ def main():
     loop = lambda d, n: pp._soft_nms(d, n, s, 50)  # noqa: E731
     _pair("soft-NMS, 50 selections", loop, loop, _soft_nms_case(rng, 8, 256),
           _soft_nms_case(rng, 8, 128), ("8 x 256", "8 x 128"))  # fmt: skip
+    case = _soft_nms_case(rng, 16, 1000)
+    _pair("soft-NMS 16 x 1000, 50 selections", lambda d, n: pp._soft_nms(d, n, s, 50)[0][:, :, :50],
+          lambda d, n: pp._soft_nms_rows(d, n, s, 50)[0], case, case,
+          ("C-order loop", "untied loop"))  # fmt: skip
+    x = jnp.asarray(rng.random((8, 256), np.float32))
+
+    def never(x, ops):
+        for k in range(ops):
+            x = jnp.sort(x * (k + 1.5), axis=1)
+        return x
+
+    def cond_with(x, ops):
+        return lax.cond(x[0, 0] < 2, lambda y: y + 1, functools.partial(never, ops=ops), x)
+
+    _pair("cond, branch not taken", functools.partial(cond_with, ops=100),
+          functools.partial(cond_with, ops=0), (x,), (x,), ("100 sorts", "empty"))  # fmt: skip
 
 
 if __name__ == "__main__":

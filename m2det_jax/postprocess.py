@@ -560,15 +560,19 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
       * sparse (U = `fast_priors`, then `sparse_priors`): only the first U priors that may
         hold a candidate, in prior order (needs: no image has more such priors; "may"
         is decided without the softmax, see `_maybe_candidates`). Within them:
-          - fast: only the `fast_classes` busiest classes, a `fast_candidates` buffer
-            (needs: every other class has no candidate, none has more than that), then
-            the same classes with twice that buffer, then with the full buffer (the
+          - fast (the smallest U only): only the `fast_classes` busiest classes, a
+            `fast_candidates` buffer (needs: every other class has no candidate, none
+            has more than that), then the same classes with twice that buffer (the
             loops' cost grows with the buffer: `benchmarks/postprocess_kernels.py`);
           - tiered: the `tier_classes` busiest classes of each image get the full
             buffer, the others a `tier_candidates` buffer (needs: every other class has
             at most that many candidates);
           - every class with the full buffer (always exact within U);
       * all priors: tiered, then plain.
+    Few layouts on purpose: every compiled layout costs every call time, run or not
+    (XLA:CPU's runtime sets up each buffer of the program per call, ~0.2-0.5 us each,
+    a layout has a few hundred), so the rarely useful ones (fast layouts past the first
+    U, the busiest classes with the full buffer) are not compiled.
     """
     out: list[Layout] = []
     sparse = sorted({u for u in (s.fast_priors, s.sparse_priors) if 1 <= u < num_priors})
@@ -576,13 +580,12 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
         ku = min(kc, u)
         cands = []
         fast_r = min(num_cls, s.fast_classes)
-        if u < num_priors and fast_r >= 1:
+        if sparse and u == sparse[0] and fast_r >= 1:
             fast_k = min(ku, s.fast_candidates)
             if fast_k >= 1:
                 cands.append((u, ((fast_r, fast_k),)))
                 if 2 * fast_k < ku:  # one busy class is common: a step between the two
                     cands.append((u, ((fast_r, 2 * fast_k),)))
-            cands.append((u, ((fast_r, ku),)))
         busy, small = min(num_cls, s.tier_classes), min(ku, s.tier_candidates)
         if 1 <= busy < num_cls and 1 <= small < ku:
             cands.append((u, ((busy, ku), (num_cls - busy, small))))

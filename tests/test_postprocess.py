@@ -485,7 +485,7 @@ def test_81_classes_full_size_priors():
     hw = np.array([[480, 640]], F32)
     settings = pp.PostprocessSettings.from_config(cfg)
     us = [u for u, _ in pp._layouts(80, p, 1000, settings)]
-    assert us == [settings.fast_priors] * 5 + [settings.sparse_priors] * 5 + [p, p]
+    assert us == [settings.fast_priors] * 4 + [settings.sparse_priors] * 2 + [p, p]
     above = [softmax_ref(logits[b])[:, 1:] > F32(0.1) for b in range(2)]
     assert 0 < above[0].any(1).sum() <= settings.sparse_priors
     counts = np.sort(above[1].sum(0))[::-1]
@@ -497,8 +497,9 @@ def test_81_classes_full_size_priors():
 
 
 def test_layouts_are_exact():
-    """Every cheaper layout (sparse fast / tiered / all classes at two sizes, then tiered
-    on all priors) gives the rows of the plain one, each chosen for a batch it fits; here
+    """Every cheaper layout (sparse fast at two buffers / tiered / all classes, then
+    tiered / all classes at the second sparse size, then tiered on all priors) gives the
+    rows of the plain one, each chosen for a batch it fits; here
     with small layouts so that all of them run on a small problem. Validity, order and
     boxes are identical; scores too on all priors, and within float32 rounding of the
     softmax (XLA rounds exp and the class sum of the gathered rows differently in the
@@ -516,21 +517,22 @@ def test_layouts_are_exact():
         **{**base.__dict__, "tier_classes": 0, "sparse_priors": 0, "fast_priors": 0}
     )
     layouts = pp._layouts(8, 600, 600, small)
-    assert [u for u, _ in layouts] == [100] * 5 + [200] * 5 + [600] * 2
-    assert [t[0][1] for _, t in layouts[:3]] == [30, 60, 100]  # fast buffers
+    assert [u for u, _ in layouts] == [100] * 4 + [200] * 2 + [600] * 2
+    assert [t for _, t in layouts[:2]] == [((2, 30),), ((2, 60),)]  # fast buffers
+    assert [t for _, t in layouts[2:4]] == [((3, 100), (5, 40)), ((8, 100),)]
     assert len(pp._layouts(8, 600, 600, plain)) == 1
     cases = [  # (candidates per class, prior range, look-alike priors) -> layout index
         ([20, 10, 0, 0, 0, 0, 0, 0], 100, 0, 0),
         ([55, 50, 0, 0, 0, 0, 0, 0], 100, 0, 1),
         ([80, 50, 0, 0, 0, 0, 0, 0], 100, 0, 2),
-        ([60, 50, 30, 5, 5, 0, 0, 0], 100, 0, 3),
-        ([60, 55, 50, 50, 50, 0, 0, 0], 100, 0, 4),
-        ([20, 10, 0, 0, 0, 0, 0, 0], 100, 150, 5),
-        ([120, 50, 0, 0, 0, 0, 0, 0], 200, 0, 7),
-        ([60, 50, 30, 5, 5, 0, 0, 0], 200, 0, 8),
-        ([60, 55, 50, 50, 50, 0, 0, 0], 200, 0, 9),
-        ([300, 250, 200, 30, 20, 10, 5, 0], 600, 0, 10),
-        ([300, 250, 200, 150, 100, 50, 30, 10], 600, 0, 11),
+        ([60, 50, 30, 5, 5, 0, 0, 0], 100, 0, 2),
+        ([60, 55, 50, 50, 50, 0, 0, 0], 100, 0, 3),
+        ([20, 10, 0, 0, 0, 0, 0, 0], 100, 150, 4),
+        ([120, 50, 0, 0, 0, 0, 0, 0], 200, 0, 4),
+        ([60, 50, 30, 5, 5, 0, 0, 0], 200, 0, 4),
+        ([60, 55, 50, 50, 50, 0, 0, 0], 200, 0, 5),
+        ([300, 250, 200, 30, 20, 10, 5, 0], 600, 0, 6),
+        ([300, 250, 200, 150, 100, 50, 30, 10], 600, 0, 7),
     ]
     fns = {s: jax.jit(lambda lc, c, s=s: pp._nms_all(lc, c, priors, None, s)) for s in (small, plain)}
     for counts, span, lookalike, want_layout in cases:
