@@ -49,7 +49,7 @@ it), so lookups by class never go out of range; always mask with `valid`.
 
 Speed: the loops run keep_per_class steps at most, all classes and images in lock step
 on [tasks, buffer] arrays; cheaper exact variants (few busy classes, few candidate priors)
-are compiled alongside the plain one and picked per batch with `lax.switch` (`_layouts`,
+are compiled alongside the plain one and picked per batch by conditionals (`_layouts`,
 `layout_index` tells which one ran). On a typical image only a few hundred priors can hold
 a candidate: an exp-free pre-filter finds them, only those rows are decoded and soft-maxed,
 and the NMS runs on the busiest classes with small buffers. (That softmax of gathered
