@@ -49,7 +49,7 @@ it), so lookups by class never go out of range; always mask with `valid`.
 
 Speed: the loops run keep_per_class steps at most, all classes and images in lock step
 on [tasks, buffer] arrays; cheaper exact variants (few busy classes, few candidate priors)
-are compiled alongside the plain one and picked per batch by conditionals (`_layouts`,
+are compiled alongside the plain one and picked per batch with `lax.switch` (`_layouts`,
 `layout_index` tells which one ran). On a typical image only a few hundred priors can hold
 a candidate: an exp-free pre-filter finds them, only those rows are decoded and soft-maxed,
 and the NMS runs on the busiest classes with small buffers. (That softmax of gathered
@@ -334,6 +334,21 @@ def _stack_buffer(cols, pixel_offset: int) -> jnp.ndarray:
     return jnp.stack([x1, y1, x2, y2, score, area])
 
 
+def _decay(ov: jnp.ndarray, s: PostprocessSettings) -> jnp.ndarray:
+    """The C loop's soft-NMS weight for IoU `ov` with the selected box."""
+    if s.method == "soft_gaussian":
+        return jnp.exp(-(ov * ov) / jnp.float32(s.sigma))
+    return jnp.where(ov > s.iou_threshold, 1.0 - ov, 1.0)
+
+
+def _scatter_rows(target: jnp.ndarray, values: jnp.ndarray, nt: int, width: int):
+    """out[t, k] = values where target (flat t * width + k) is in range, else 0:
+    [nt, width] int32 (a 1-D scatter: several times faster than the 2-D one on XLA:CPU;
+    targets >= nt * width are dropped)."""
+    out = jnp.zeros(nt * width, jnp.int32)
+    return out.at[target.reshape(-1)].set(values.reshape(-1), mode="drop").reshape(nt, width)
+
+
 def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
     """The original's cpu_soft_nms on every task, first `steps` selections.
 
@@ -361,13 +376,9 @@ def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int
         rank_bad = _cumsum(left_bad)  # 1-based at bad slots
         right_good = (pos >= n_new[:, None]) & (pos < n[:, None]) & ~bad
         rank_good = _cumsum(right_good[:, ::-1])[:, ::-1]
-        # fill[t, k] = position of the (k+1)-th good box from the right (a 1-D scatter:
-        # several times faster than the 2-D one on XLA:CPU; other slots are dropped).
+        # fill[t, k] = position of the (k+1)-th good box from the right.
         target = jnp.where(right_good, rows_kb * kb + rank_good - 1, nt * kb)
-        fill = jnp.zeros(nt * kb, jnp.int32).at[target.reshape(-1)].set(
-            pos_kb.reshape(-1), mode="drop"
-        )
-        fill = fill.reshape(nt, kb)
+        fill = _scatter_rows(target, pos_kb, nt, kb)
         src = jnp.where(left_bad, _take(fill, jnp.maximum(rank_bad - 1, 0), 1), pos)
         return _take(d, jnp.broadcast_to(src[None], d.shape), 2)
 
@@ -386,10 +397,7 @@ def _soft_nms(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int
         d = d.at[:, rows, j].set(at_i[..., 0], mode=_IN)  # swap
         d = d.at[:, rows, i].set(at_j[..., 0], mode=_IN)
         ov, overlap = _iou_with(at_j, d, s.pixel_offset)
-        if s.method == "soft_gaussian":
-            weight = jnp.exp(-(ov * ov) / jnp.float32(s.sigma))
-        else:
-            weight = jnp.where(ov > s.iou_threshold, 1.0 - ov, 1.0)
+        weight = _decay(ov, s)
         hit = (pos > i) & (pos < n[:, None]) & overlap  # the C loop's decay pass
         score = jnp.where(hit, weight * d[_SCORE], d[_SCORE])
         bad = hit & (score < s.min_score)
@@ -408,12 +416,14 @@ def _soft_nms_untied(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, ste
     Where every step's maximum score is unique, the C loop's array order never matters:
     each entry's score goes through the same decays whatever its position, and the step
     takes the one maximum. So entries stay where they are, a dead one (selected or
-    removed) gets score -inf, and each step is a top-2 (the maximum and a tie check), a
-    gather of the selected box and one elementwise pass (no swap, no compaction).
+    removed) gets score -inf, and each step is a top-1, a tie check, a gather of the
+    selected box and one elementwise pass (no swap, no compaction).
 
-    Args / returns as `_soft_nms`, plus `tied` [N]: a step of that task had two live
-    entries at the maximum score; its rows are then not trusted (`_soft_nms` redoes them).
-    The selections (first `steps`) come out in selection order at positions 0..steps-1.
+    Args as `_soft_nms`. Returns, all indexed by buffer position:
+      final [N, kb] the score of each selected entry when it was selected,
+      rank [N, kb] the step that selected it (-1: never selected within `steps`),
+      tied [N] a step of that task had two live entries at the maximum score; its rows
+        are then not trusted (`_soft_nms` redoes them, see `_soft_nms_rows`).
     """
     _, nt, kb = d.shape
     pos = jnp.arange(kb, dtype=jnp.int32)[None, :]
@@ -431,10 +441,7 @@ def _soft_nms_untied(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, ste
         tied = tied | (live & jnp.any((score == v) & ~chosen, axis=1))
         sel = _take(d, j[None], 2)  # [6, N, 1]
         ov, overlap = _iou_with(sel, d, s.pixel_offset)
-        if s.method == "soft_gaussian":
-            weight = jnp.exp(-(ov * ov) / jnp.float32(s.sigma))
-        else:
-            weight = jnp.where(ov > s.iou_threshold, 1.0 - ov, 1.0)
+        weight = _decay(ov, s)
         hit = overlap & ~chosen
         decayed = jnp.where(hit, weight * score, score)
         decayed = jnp.where(hit & (decayed < s.min_score), -jnp.inf, decayed)
@@ -460,12 +467,10 @@ def _soft_nms_rows(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps
     _, nt, kb = d.shape
     final, rank, tied = _soft_nms_untied(d, n, s, steps)
     taken = rank >= 0
-    # src[t, r] = the position selected at step r (a 1-D scatter; other slots dropped).
+    # src[t, r] = the position selected at step r.
     target = jnp.where(taken, jnp.arange(nt)[:, None] * steps + rank, nt * steps)
     pos = jnp.broadcast_to(jnp.arange(kb, dtype=jnp.int32), (nt, kb))
-    src = jnp.zeros(nt * steps, jnp.int32).at[target.reshape(-1)].set(
-        pos.reshape(-1), mode="drop"
-    ).reshape(nt, steps)
+    src = _scatter_rows(target, pos, nt, steps)
     rows = _take(d.at[_SCORE].set(final), jnp.broadcast_to(src[None], (6, nt, steps)), 2)
     count = jnp.sum(taken, axis=1, dtype=jnp.int32)
 
@@ -570,9 +575,10 @@ def _layouts(num_cls: int, num_priors: int, kc: int, s: PostprocessSettings) -> 
           - every class with the full buffer (always exact within U);
       * all priors: tiered, then plain.
     Few layouts on purpose: every compiled layout costs every call time, run or not
-    (XLA:CPU's runtime sets up each buffer of the program per call, ~0.2-0.5 us each,
-    a layout has a few hundred), so the rarely useful ones (fast layouts past the first
-    U, the busiest classes with the full buffer) are not compiled.
+    (XLA:CPU's runtime sets up each buffer of the program per call, constants and the
+    scratch of every reduction and sort included; `benchmarks/postprocess_kernels.py`
+    times a cond whose untaken branch holds 100 sorts), so the rarely useful ones (fast
+    layouts past the first U, the busiest classes with the full buffer) are not compiled.
     """
     out: list[Layout] = []
     sparse = sorted({u for u in (s.fast_priors, s.sparse_priors) if 1 <= u < num_priors})
@@ -721,16 +727,6 @@ def _boxes_fn(loc, priors, image_sizes, variance):
     return boxes_of
 
 
-def _first_that_fits(fits, fns, *operands):
-    """fns[i](*operands) for the first i with fits[i] (the last must always fit), as
-    nested two-way conditionals: XLA:CPU's cost of a taken conditional grows with the
-    size of its branches not taken, so a chain keeps the cheap first branches cheap."""
-    if len(fns) == 1:
-        return fns[0](*operands)
-    rest = functools.partial(_first_that_fits, fits[1:], fns[1:])
-    return lax.cond(fits[0], fns[0], rest, *operands)
-
-
 def _nms_all(loc, logits, priors, image_sizes, s: PostprocessSettings):
     """Per-class NMS of a batch: loc [B, P, 4], logits [B, P, C] (float32), priors
     [P, 4], image_sizes [B, 2] or None -> rows [B, C-1, L, 5], valid [B, C-1, L],
@@ -750,7 +746,8 @@ def _nms_all(loc, logits, priors, image_sizes, s: PostprocessSettings):
         if len(fns) == 1:
             return fns[0](boxes, cls_scores, counts, order)
         fits = [_layout_fits((u, t), sorted_counts, num_cls, kc) for _, t in groups[u]]
-        return _first_that_fits(fits, fns, boxes, cls_scores, counts, order)
+        index = jnp.argmax(jnp.stack(fits))  # the first exact layout (the last always is)
+        return lax.switch(index, fns, boxes, cls_scores, counts, order)
 
     us = list(groups)
     if len(us) == 1:
