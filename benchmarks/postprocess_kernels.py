@@ -11,6 +11,8 @@ Prints:
   * the soft-NMS loop (50 selections, clustered boxes) on 8 x 128 vs 8 x 256 buffers;
   * the C-order soft-NMS loop (swaps, swap-with-last compaction) vs `_soft_nms_rows`
     (the untied loop, the C-order one only on ties), 50 selections on 16 x 1000;
+  * the first maximum of each row of 16 x 1000 (50 times in a loop): `lax.top_k` of 1
+    vs `_top1` (a max, then the first index holding it);
   * what code that never runs costs each call: a cond taking a trivial branch, its other
     branch 0 or 100 sorts (XLA:CPU sets up every buffer of the program per call).
 Each timing is the median of at least 1 s of calls; the pairs run interleaved.
@@ -96,6 +98,19 @@ def main():
     _pair("soft-NMS 16 x 1000, 50 selections", lambda d, n: pp._soft_nms(d, n, s, 50)[0][:, :, :50],
           lambda d, n: pp._soft_nms_rows(d, n, s, 50)[0], case, case,
           ("C-order loop", "untied loop"))  # fmt: skip
+    score = jnp.asarray(rng.random((16, 1000), np.float32))
+
+    def first_max_loop(score, top1):
+        def step(_, sc):  # 50 selections: the first maximum of each row goes to -inf
+            j = top1(sc)
+            return jnp.where(jnp.arange(sc.shape[1])[None] == j[:, None], -jnp.inf, sc)
+
+        return lax.fori_loop(0, 50, step, score)
+
+    _pair("first maximum 16 x 1000, 50 times",
+          functools.partial(first_max_loop, top1=lambda sc: lax.top_k(sc, 1)[1][:, 0]),
+          functools.partial(first_max_loop, top1=lambda sc: pp._top1(sc)[1]),
+          (score,), (score,), ("lax.top_k of 1", "max + first index"))  # fmt: skip
     x = jnp.asarray(rng.random((8, 256), np.float32))
 
     def never(x, ops):

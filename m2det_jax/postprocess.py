@@ -278,15 +278,30 @@ def _select_candidates(score_t: jnp.ndarray, count: jnp.ndarray, kb: int, rows=N
     return idx, vals, n, count - n
 
 
+def _top1(score: jnp.ndarray):
+    """Per row of [N, kb]: the maximum [N], the first position holding it [N] (int32) and
+    how many positions hold it [N] (int32).
+
+    Two reductions (a max, then the first index and the count of that max, which XLA
+    fuses into one pass). On XLA:CPU this ran 1.0-2.1x faster than `lax.top_k` of 1 in
+    the soft-NMS loop, the more the larger the buffer
+    (`benchmarks/postprocess_kernels.py`).
+    """
+    kb = score.shape[1]
+    best = jnp.max(score, axis=1)
+    at_max = score == best[:, None]
+    pos = jnp.arange(kb, dtype=jnp.int32)[None, :]
+    first = jnp.min(jnp.where(at_max, pos, kb), axis=1)
+    return best, jnp.minimum(first, kb - 1), jnp.sum(at_max, axis=1, dtype=jnp.int32)
+
+
 def _first_max(score: jnp.ndarray, live: jnp.ndarray) -> jnp.ndarray:
     """Per task, the first position holding the maximum live score: [N, kb] -> [N].
 
-    top_k of 1 puts the lower index first on equal values, in one kernel (a max then a
-    min reduction are four on XLA:CPU, which splits each reduction in two; jnp.argmax's
-    variadic reduction is slower still). A task without a live entry gets some position
-    in 0..kb-1: callers check liveness themselves.
+    A task without a live entry gets some position in 0..kb-1: callers check liveness
+    themselves.
     """
-    return lax.top_k(jnp.where(live, score, -jnp.inf), 1)[1][:, 0]
+    return _top1(jnp.where(live, score, -jnp.inf))[1]
 
 
 def _cumsum(mask: jnp.ndarray) -> jnp.ndarray:
@@ -416,12 +431,15 @@ def _soft_nms_untied(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, ste
     Where every step's maximum score is unique, the C loop's array order never matters:
     each entry's score goes through the same decays whatever its position, and the step
     takes the one maximum. So entries stay where they are, a dead one (selected or
-    removed) gets score -inf, and each step is a top-1, a tie check, a gather of the
-    selected box and one elementwise pass (no swap, no compaction).
+    removed) gets score -inf, and each step is a first maximum (`_top1`, which also
+    counts ties), a gather of the selected box and one elementwise pass over
+    the scores (no swap, no compaction). The loop carries one [N, kb] array; what was
+    selected is recorded in [N, steps] columns.
 
-    Args as `_soft_nms`. Returns, all indexed by buffer position:
-      final [N, kb] the score of each selected entry when it was selected,
-      rank [N, kb] the step that selected it (-1: never selected within `steps`),
+    Args as `_soft_nms`. Returns:
+      sel [N, steps] the buffer position selected at each step (valid for the first
+        `count` steps), sel_score [N, steps] its score when it was selected,
+      count [N] selections made (at most `steps`),
       tied [N] a step of that task had two live entries at the maximum score; its rows
         are then not trusted (`_soft_nms` redoes them, see `_soft_nms_rows`).
     """
@@ -434,27 +452,29 @@ def _soft_nms_untied(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, ste
         return (i < steps) & busy
 
     def body(st):
-        i, score, final, rank, tied, _ = st
-        v, j = lax.top_k(score, 1)  # the maximum; the lower index on ties
-        live = v[:, 0] > -jnp.inf
+        i, score, sel, sel_score, count, tied, _ = st
+        best, j, n_best = _top1(score)  # the maximum, first position, how many hold it
+        live = best > -jnp.inf
+        tied = tied | (live & (n_best > 1))
+        j = j[:, None]
         chosen = pos == j
-        tied = tied | (live & jnp.any((score == v) & ~chosen, axis=1))
-        sel = _take(d, j[None], 2)  # [6, N, 1]
-        ov, overlap = _iou_with(sel, d, s.pixel_offset)
-        weight = _decay(ov, s)
-        hit = overlap & ~chosen
-        decayed = jnp.where(hit, weight * score, score)
-        decayed = jnp.where(hit & (decayed < s.min_score), -jnp.inf, decayed)
-        taken = chosen & live[:, None]
-        rank = jnp.where(taken, i, rank)
-        final = jnp.where(taken, score, final)  # its score at selection
+        at_j = _take(d, j[None], 2)  # [6, N, 1]
+        ov, overlap = _iou_with(at_j, d, s.pixel_offset)
+        decayed = jnp.where(overlap, _decay(ov, s) * score, score)
+        # Killed by this decay (the C loop's removal). `~(x >= floor)` also kills a dead
+        # entry that became NaN (-inf * 0, linear decay at IoU 1) and keeps -inf dead.
+        decayed = jnp.where(overlap & ~(decayed >= s.min_score), -jnp.inf, decayed)
         score = jnp.where(chosen, -jnp.inf, decayed)
-        return i + 1, score, final, rank, tied, jnp.any(live)
+        sel = lax.dynamic_update_slice_in_dim(sel, j, i, axis=1)
+        sel_score = lax.dynamic_update_slice_in_dim(sel_score, best[:, None], i, axis=1)
+        count = count + live.astype(jnp.int32)
+        return i + 1, score, sel, sel_score, count, tied, jnp.any(live)
 
-    init = (jnp.int32(0), score0, d[_SCORE], jnp.full((nt, kb), -1, jnp.int32),
+    init = (jnp.int32(0), score0, jnp.zeros((nt, steps), jnp.int32),
+            jnp.zeros((nt, steps), d.dtype), jnp.zeros(nt, jnp.int32),
             jnp.zeros(nt, bool), jnp.any(n > 0))  # fmt: skip
-    _, _, final, rank, tied, _ = lax.while_loop(cond, body, init)
-    return final, rank, tied
+    _, _, sel, sel_score, count, tied, _ = lax.while_loop(cond, body, init)
+    return sel, sel_score, count, tied
 
 
 def _soft_nms_rows(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps: int):
@@ -465,14 +485,8 @@ def _soft_nms_rows(d: jnp.ndarray, n: jnp.ndarray, s: PostprocessSettings, steps
     loop's array order, exact on ties) redoes the batch.
     """
     _, nt, kb = d.shape
-    final, rank, tied = _soft_nms_untied(d, n, s, steps)
-    taken = rank >= 0
-    # src[t, r] = the position selected at step r.
-    target = jnp.where(taken, jnp.arange(nt)[:, None] * steps + rank, nt * steps)
-    pos = jnp.broadcast_to(jnp.arange(kb, dtype=jnp.int32), (nt, kb))
-    src = _scatter_rows(target, pos, nt, steps)
-    rows = _take(d.at[_SCORE].set(final), jnp.broadcast_to(src[None], (6, nt, steps)), 2)
-    count = jnp.sum(taken, axis=1, dtype=jnp.int32)
+    sel, sel_score, count, tied = _soft_nms_untied(d, n, s, steps)
+    rows = _take(d, jnp.broadcast_to(sel[None], (6, nt, steps)), 2).at[_SCORE].set(sel_score)
 
     # The exact loop runs no step unless a maximum was tied (n = 0 stops it at once; a
     # lax.cond costs more here than the empty loop).

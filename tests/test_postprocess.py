@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -403,7 +404,7 @@ def test_untied_loop_equals_the_c_order_loop_and_flags_ties():
             d = pp._stack_buffer((xy[..., 0], xy[..., 1], (xy + wh)[..., 0], (xy + wh)[..., 1],
                                   sc), s.pixel_offset)  # fmt: skip
             d_c, n_c = map(np.asarray, jax.jit(pp._soft_nms, static_argnums=(2, 3))(d, n, s, steps))
-            final, rank, tied = map(
+            sel, sel_score, count_u, tied = map(
                 np.asarray, jax.jit(pp._soft_nms_untied, static_argnums=(2, 3))(d, n, s, steps)
             )
             np.testing.assert_array_equal(np.flatnonzero(tied), tied_tasks)
@@ -415,11 +416,10 @@ def test_untied_loop_equals_the_c_order_loop_and_flags_ties():
                 np.testing.assert_array_equal(rows[:5, t, :c], d_c[:5, t, :c])
                 if t in tied_tasks:
                     continue
-                # the untied loop's own selections, in rank order, are the same rows
-                sel = np.argsort(np.where(rank[t] >= 0, rank[t], kb + 1))[:c]
-                np.testing.assert_array_equal(rank[t, sel], np.arange(c))
-                np.testing.assert_array_equal(final[t, sel], d_c[4, t, :c])
-                np.testing.assert_array_equal(np.asarray(d)[:4, t, sel], d_c[:4, t, :c])
+                # the untied loop's own selections, in step order, are the same rows
+                assert count_u[t] == c and len(set(sel[t, :c])) == c
+                np.testing.assert_array_equal(sel_score[t, :c], d_c[4, t, :c])
+                np.testing.assert_array_equal(np.asarray(d)[:4, t, sel[t, :c]], d_c[:4, t, :c])
             assert (np.asarray(d)[4] != d_c[4])[:, :steps].any()  # scores were decayed
             assert (n_c < n).any()  # and boxes removed
 
@@ -615,3 +615,33 @@ def test_jit_and_batch_sharding(tmp_path):
                        timeout=300, cwd=tmp_path)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.startswith("OK 4")
+
+
+def test_untied_loop_with_a_removed_duplicate_of_a_later_selection():
+    """A box removed by a decay whose exact duplicate (a higher score, survived) is
+    selected later: IoU 1 with a dead entry (linear weight 0) must leave it dead, and the
+    rows equal the C-order loop's."""
+    s = pp.PostprocessSettings(method="soft_linear", pixel_offset=1)
+    dets = np.array(
+        [
+            [0, 0, 1000, 1002.5, 0.2],  # removed by the next box (0.2 * 0.0025 < 0.001)
+            [0, 0, 1000, 1000, 0.95],
+            [0, 0, 1000, 1002.5, 0.9],  # the duplicate: survives (0.00224), selected 3rd
+            [2000, 2000, 2100, 2100, 0.5],
+            [2000, 2000, 2100, 2100.4, 0.3],
+        ],
+        F32,
+    )
+    d = pp._stack_buffer(tuple(jnp.asarray(dets[None, :, k]) for k in range(5)), 1)
+    n = jnp.array([5], jnp.int32)
+    d_c, n_c = map(np.asarray, jax.jit(pp._soft_nms, static_argnums=(2, 3))(d, n, s, 5))
+    sel, sel_score, count, tied = map(
+        np.asarray, jax.jit(pp._soft_nms_untied, static_argnums=(2, 3))(d, n, s, 5)
+    )
+    assert n_c[0] == 4 and count[0] == 4 and not tied[0]
+    np.testing.assert_array_equal(sel[0, :4], [1, 3, 2, 4])
+    np.testing.assert_array_equal(sel_score[0, :4], d_c[4, 0, :4])
+    assert np.isfinite(sel_score[0, :4]).all()
+    rows, cnt = map(np.asarray, jax.jit(pp._soft_nms_rows, static_argnums=(2, 3))(d, n, s, 5))
+    assert cnt[0] == 4
+    np.testing.assert_array_equal(rows[:5, 0, :4], d_c[:5, 0, :4])
