@@ -28,9 +28,12 @@ Columns:
             stop after keep_per_class selections (rows after that are discarded);
             median of --repeats and at least 1 s (at most 5 s) of calls.
 "np full" is the median of up to --full-repeats runs (fewer once 5 s are spent: the dense
-case takes seconds). `--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first
-(glibc keeps freed memory for reuse instead of unmapping it), for both sides; the default
-leaves the allocator as it is.
+case takes seconds). The three sides of a row run interleaved, in slices of ~0.2 s round
+robin, so that they share the machine's slow and fast phases (this 2-core machine is
+noisy: a block of seconds of one side alone can land in a phase the other never sees).
+`--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first (glibc keeps freed
+memory for reuse instead of unmapping it), for both sides; the default leaves the
+allocator as it is.
 """
 
 from __future__ import annotations
@@ -160,18 +163,40 @@ def make_logits(kind: str, priors: np.ndarray, num_classes: int, rng) -> np.ndar
     return logits
 
 
-def _median_time(fn, repeats, budget_s=None, min_s=0.0):
-    """Median ms of at least `repeats` calls (and at least `min_s` seconds of them, so
-    that millisecond timings are medians of hundreds of calls on a noisy machine); at
-    most `budget_s` seconds when given."""
-    ts = []
-    while len(ts) < repeats or sum(ts) < min_s:
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        if budget_s is not None and sum(ts) > budget_s:
-            break
-    return 1000 * float(np.median(ts))
+class _Timer:
+    """Per-call timings of one side, collected in slices so that sides share the machine's
+    slow and fast phases (this 2-core machine is noisy): `done` once it has at least
+    `repeats` calls and `min_s` seconds of them, or after `budget_s` seconds."""
+
+    def __init__(self, fn, repeats, min_s=0.0, budget_s=None):
+        self.fn, self.repeats, self.min_s, self.budget_s = fn, repeats, min_s, budget_s
+        self.ts: list[float] = []
+
+    def done(self):
+        spent = sum(self.ts)
+        if self.budget_s is not None and spent > self.budget_s:
+            return True
+        return len(self.ts) >= self.repeats and spent >= self.min_s
+
+    def run_slice(self, slice_s=0.2):
+        t_end = time.perf_counter() + slice_s
+        while not self.done():
+            t0 = time.perf_counter()
+            self.fn()
+            t1 = time.perf_counter()
+            self.ts.append(t1 - t0)
+            if t1 >= t_end:
+                break
+
+    def median_ms(self):
+        return 1000 * float(np.median(self.ts))
+
+
+def _interleaved(timers):
+    """Runs the timers slice by slice, round robin, until all are done."""
+    while not all(t.done() for t in timers):
+        for t in timers:
+            t.run_slice()
 
 
 def main():
@@ -214,18 +239,17 @@ def main():
                 inputs = tuple(jax.device_put(a) for a in (loc[None], logits[None], priors,
                                                           hw[None]))  # fmt: skip
                 jax.block_until_ready(fn(*inputs))  # compile
-                t_jax = _median_time(
-                    functools.partial(lambda f, a: jax.block_until_ready(f(*a)), fn, inputs),
-                    args.repeats,
-                    min_s=1.0,
-                )
                 np_args = (loc, logits, priors, hw, p, tuple(c.anchors.variance))
-                t_full = _median_time(
-                    functools.partial(numpy_detect, *np_args, False), args.full_repeats, 5.0
-                )
-                t_50 = _median_time(
-                    functools.partial(numpy_detect, *np_args, True), args.repeats, 5.0, 1.0
-                )
+                timers = (
+                    _Timer(functools.partial(lambda f, a: jax.block_until_ready(f(*a)), fn,
+                                             inputs), args.repeats, min_s=1.0),
+                    _Timer(functools.partial(numpy_detect, *np_args, False), args.full_repeats,
+                           budget_s=5.0),
+                    _Timer(functools.partial(numpy_detect, *np_args, True), args.repeats,
+                           min_s=1.0, budget_s=5.0),
+                )  # fmt: skip
+                _interleaved(timers)
+                t_jax, t_full, t_50 = (t.median_ms() for t in timers)
                 layouts = postprocess._layouts(
                     80,
                     len(priors),

@@ -149,3 +149,59 @@ def test_tta_config_errors_name_the_field():
 
     with pytest.raises(ValueError, match=r"tta.sizes=\(64, 8\): size 8"):
         load_config(config_path("tiny"), ["tta.sizes=(64,8)"])
+
+
+@pytest.mark.slow
+def test_two_process_eval_plain_and_tta_match_one_process(shapes, tmp_path):
+    """Evaluation with two `jax.distributed` processes on localhost (each reads half of
+    every eval batch): plain and TTA detections gathered from both hosts equal the
+    one-process ones, every image once, and the COCO metrics are the same."""
+    import socket
+    import subprocess
+    import sys
+
+    data_dir, _ = shapes
+    here = os.path.dirname(os.path.abspath(__file__))
+    worker = os.path.join(here, "train_worker.py")
+    env = dict(os.environ, M2DET_TEST_CACHE=str(tmp_path / "xla_cache"))
+    env.pop("XLA_FLAGS", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    outs = {"two": tmp_path / "two.json", "one": tmp_path / "one.json"}
+    procs = [
+        subprocess.Popen([sys.executable, worker, "eval", str(data_dir), str(outs["two"]), addr,
+                          "2", str(i)], env=env, cwd=here, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    p = subprocess.run([sys.executable, worker, "eval", str(data_dir), str(outs["one"])], env=env,
+                       cwd=here, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    two, one = (json.loads(outs[k].read_text()) for k in ("two", "one"))
+    assert two["process_count"] == 2 and one["process_count"] == 1
+    def per_image(d):  # image id -> (classes, boxes, scores) of its valid rows
+        ends = np.cumsum(d["num_valid"])
+        cut = lambda k: np.split(np.asarray(d[k]), ends[:-1])  # noqa: E731
+        return {i: rows for i, *rows in zip(d["image_id"], cut("classes"), cut("boxes"),
+                                            cut("scores"), strict=True)}  # fmt: skip
+
+    for name in ("plain", "tta"):
+        a, b = two[name], one[name]
+        assert len(b["image_id"]) == 8 and len(set(b["image_id"])) == 8
+        assert sorted(a["image_id"]) == sorted(b["image_id"])  # every image once
+        assert sum(b["num_valid"]) > 0
+        pa, pb = per_image(a), per_image(b)
+        for i in pb:
+            np.testing.assert_array_equal(pa[i][0], pb[i][0])
+            np.testing.assert_allclose(pa[i][1], pb[i][1], atol=1e-3)
+            np.testing.assert_allclose(pa[i][2], pb[i][2], atol=1e-5)
+        assert a["metrics"]["num_images"] == 8
+        for k in METRIC_NAMES:
+            assert a["metrics"][k] == pytest.approx(b["metrics"][k], abs=1e-6), (name, k)
+    # TTA merged other passes: not the plain rows.
+    t, pl = two["tta"], two["plain"]
+    assert t["num_valid"] != pl["num_valid"] or t["boxes"] != pl["boxes"]

@@ -2,6 +2,7 @@
 
   python train_worker.py mesh OUT.json                  # 8 fake devices: sharded == single
   python train_worker.py train WORKDIR STEPS [ADDR NPROC PID] [--nan-at K] [--slow]
+  python train_worker.py eval DATA_DIR OUT.json [ADDR NPROC PID]   # plain + TTA eval
 """
 
 import json
@@ -101,6 +102,50 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
     print("DONE", r["step"], r["preempted"], flush=True)
 
 
+EVAL_OVERRIDES = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50",
+                  "model.num_classes=5", "data.dataset=shapes", "data.eval_batch_size=4",
+                  "data.shapes_num_train=16", "data.shapes_num_validation=8",
+                  "postprocess.score_threshold=0.05"]  # fmt: skip
+
+
+def eval_config(data_dir, tta):
+    import m2det_jax
+
+    extra = ["tta.sizes=(64,96)", "tta.flip=True"] if tta else []
+    return m2det_jax.load_config(CONFIG, [*EVAL_OVERRIDES, f"data.data_dir={data_dir}", *extra])
+
+
+def evaluate(data_dir, out_path, addr=None, nproc=None, pid=None):
+    """Plain and TTA predictions of the shapes validation split and their COCO metrics, as
+    process 0 sees them (every process gets all images' detections)."""
+    import jax
+
+    if addr:
+        jax.distributed.initialize(addr, int(nproc), int(pid), initialization_timeout=60)
+    _enable_cache()
+    from test_inference import tiny_variables
+
+    from m2det_jax.evaluate import evaluate_variables, predict_split
+
+    out = {"process_count": jax.process_count()}
+    for name, tta in (("plain", False), ("tta", True)):
+        cfg = eval_config(data_dir, tta)
+        v = tiny_variables(cfg)
+        preds = predict_split(cfg, v)
+        m = preds["valid"]
+        out[name] = {
+            "image_id": preds["image_id"].tolist(),
+            "num_valid": m.sum(axis=1).tolist(),
+            "boxes": preds["boxes"][m].tolist(),
+            "scores": preds["scores"][m].tolist(),
+            "classes": preds["classes"][m].tolist(),
+            "metrics": evaluate_variables(cfg, v),
+        }
+    if jax.process_index() == 0:
+        with open(out_path, "w") as f:
+            json.dump(out, f, default=float)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     nan_at = None
@@ -112,5 +157,7 @@ if __name__ == "__main__":
     args = [a for a in args if a != "--slow"]
     if args[0] == "mesh":
         mesh_check(args[1])
+    elif args[0] == "eval":
+        evaluate(*args[1:6])
     else:
         train(args[1], int(args[2]), *args[3:6], nan_at=nan_at, slow=slow)
