@@ -6,7 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_same_detections, config_path
+from conftest import (
+    assert_same_detections,
+    config_path,
+    run_worker,
+    run_worker_processes,
+    worker_env,
+)
 
 from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, to_coco_results
 from m2det_jax.data import sources
@@ -156,33 +162,14 @@ def test_two_process_eval_plain_and_tta_match_one_process(shapes, tmp_path):
     """Evaluation with two `jax.distributed` processes on localhost (each reads half of
     every eval batch): plain and TTA detections gathered from both hosts equal the
     one-process ones, every image once, and the COCO metrics are the same."""
-    import socket
-    import subprocess
-    import sys
-
     data_dir, _ = shapes
-    here = os.path.dirname(os.path.abspath(__file__))
-    worker = os.path.join(here, "train_worker.py")
-    env = dict(os.environ, M2DET_TEST_CACHE=str(tmp_path / "xla_cache"))
-    env.pop("XLA_FLAGS", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    env = worker_env(tmp_path / "xla_cache")
     outs = {"two": tmp_path / "two.json", "one": tmp_path / "one.json"}
-    procs = [
-        subprocess.Popen([sys.executable, worker, "eval", str(data_dir), str(outs["two"]), addr,
-                          "2", str(i)], env=env, cwd=here, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    p = subprocess.run([sys.executable, worker, "eval", str(data_dir), str(outs["one"])], env=env,
-                       cwd=here, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_worker_processes(["eval", str(data_dir), str(outs["two"])], 2, env)
+    run_worker(["eval", str(data_dir), str(outs["one"])], env)
     two, one = (json.loads(outs[k].read_text()) for k in ("two", "one"))
     assert two["process_count"] == 2 and one["process_count"] == 1
+
     def per_image(d):  # image id -> (classes, boxes, scores) of its valid rows
         ends = np.cumsum(d["num_valid"])
         cut = lambda k: np.split(np.asarray(d[k]), ends[:-1])  # noqa: E731

@@ -4,27 +4,16 @@ one process, kill-and-resume reproduces the losses, SIGTERM checkpoints, NaN gua
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import config_path
+from conftest import TESTS, WORKER, config_path, run_worker, run_worker_processes, worker_env
 
 from m2det_jax import load_config
 from m2det_jax.optim import learning_rate_schedule
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "train_worker.py")
-
-
-def _env(tmp_cache):
-    env = dict(os.environ)
-    env["M2DET_TEST_CACHE"] = str(tmp_cache)
-    env.pop("XLA_FLAGS", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +25,6 @@ def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _run(args, env, timeout=600):
-    p = subprocess.run([sys.executable, WORKER, *args], env=env, capture_output=True, text=True,
-                       timeout=timeout, cwd=HERE)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
 
 
 def test_lr_schedule_matches_original():
@@ -70,7 +52,7 @@ def test_lr_schedule_matches_original():
 @pytest.mark.slow
 def test_sharded_step_equals_single_device(tmp_path, cache_dir):
     out = tmp_path / "mesh.json"
-    _run(["mesh", str(out)], _env(cache_dir))
+    run_worker(["mesh", str(out)], worker_env(cache_dir))
     d = json.loads(out.read_text())
     assert d["loss"] <= 1e-5 * abs(d["loss_value"])
     assert d["params"] < 1e-6  # grads and the SGD update agree
@@ -78,28 +60,13 @@ def test_sharded_step_equals_single_device(tmp_path, cache_dir):
     assert d["batch_stats"] < 1e-4 * max(d["bn_moved"], 1)  # ... over the global batch
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, cache_dir):
-    env = _env(cache_dir)
-    addr = f"127.0.0.1:{_free_port()}"
+    env = worker_env(cache_dir)
     wd2 = tmp_path / "two"
-    procs = [
-        subprocess.Popen([sys.executable, WORKER, "train", str(wd2), "3", addr, "2", str(i)],
-                         env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    run_worker_processes(["train", str(wd2), "3"], 2, env)
     wd1 = tmp_path / "one"
-    _run(["train", str(wd1), "3"], env)
+    run_worker(["train", str(wd1), "3"], env)
     one, two = _losses(wd1), _losses(wd2)
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for s in one:
@@ -110,11 +77,11 @@ def test_two_processes_match_one(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_kill_and_resume_reproduces_losses(tmp_path, cache_dir):
-    env = _env(cache_dir)
+    env = worker_env(cache_dir)
     full, part = tmp_path / "full", tmp_path / "part"
-    _run(["train", str(full), "4"], env)
-    _run(["train", str(part), "2"], env)  # "killed" after the step-2 checkpoint
-    p = _run(["train", str(part), "4"], env)
+    run_worker(["train", str(full), "4"], env)
+    run_worker(["train", str(part), "2"], env)  # "killed" after the step-2 checkpoint
+    p = run_worker(["train", str(part), "4"], env)
     assert "DONE 4" in p.stdout
     a, b = _losses(full), _losses(part)
     for s in (3, 4):
@@ -125,7 +92,7 @@ def test_kill_and_resume_reproduces_losses(tmp_path, cache_dir):
 def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
     wd = tmp_path / "sig"
     p = subprocess.Popen([sys.executable, WORKER, "train", str(wd), "1000", "--slow"],
-                         env=_env(cache_dir), cwd=HERE, stdout=subprocess.PIPE,
+                         env=worker_env(cache_dir), cwd=TESTS, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 400
     while time.time() < deadline and not _has_rows(wd):
@@ -152,7 +119,7 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
     wd = tmp_path / "nan"
     p = subprocess.run([sys.executable, WORKER, "train", str(wd), "6", "--nan-at", "3"],
-                       env=_env(cache_dir), cwd=HERE, capture_output=True, text=True,
+                       env=worker_env(cache_dir), cwd=TESTS, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert p.returncode != 0
     assert "NonFiniteLossError" in p.stderr and "step 3" in p.stderr
@@ -174,7 +141,7 @@ def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
     from m2det_jax.train import train_and_evaluate
 
     wd = tmp_path / "run"
-    _run(["train", str(wd), "1"], _env(cache_dir))
+    run_worker(["train", str(wd), "1"], worker_env(cache_dir))
     cfg = load_config(config_path("tiny"), ["model.num_classes=6", "train.num_steps=2"])
     with pytest.raises(ConfigMismatchError, match="model.num_classes: checkpoint 4, config 6"):
         train_and_evaluate(cfg, str(wd), train_iterator_fn=make_synthetic,
