@@ -1,20 +1,92 @@
-"""Box operations shared by the loss and the decoder (pure jax.numpy).
+"""Box formats and box arithmetic: every conversion of the project lives here.
 
-Inside the project boxes are normalized [x1, y1, x2, y2]; priors are (cx, cy, w, h).
-The formulas follow the original's utils/box_utils.py operation by operation, so float32
-results (and therefore matching ties) agree with it (ORIGINAL.md §3, §4).
+Formats (the last axis always has 4 entries):
+  * xyxy: [x1, y1, x2, y2] -- the one format inside the project, normalized to [0, 1] or
+    in pixels of the original image (detections).
+  * cxcywh: [cx, cy, w, h] -- priors.
+  * yxyx: TFDS's [ymin, xmin, ymax, xmax] (normalized), converted once at the data boundary.
+  * xywh: COCO's [x, y, width, height] in pixels, only at the COCO boundary (annotation
+    files and result rows).
+
+The conversions take and return numpy arrays for numpy input and jax arrays for jax input
+(they only index, add and stack), so the data pipeline (numpy) and the device code share
+them. `iou`, `encode` and `decode` are jax.numpy: their float32 rounding is part of what
+they compute (see `iou`).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _xp(x):
+    return jnp if isinstance(x, jax.Array) else np
+
+
+def xyxy_to_cxcywh(boxes):
+    """[x1, y1, x2, y2] -> [cx, cy, w, h].  # [..., 4]"""
+    xp = _xp(boxes)
+    return xp.concatenate(
+        [(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], axis=-1
+    )
+
+
+def cxcywh_to_xyxy(boxes):
+    """[cx, cy, w, h] -> [x1, y1, x2, y2] as centre -/+ wh / 2 (the original's point_form)."""
+    xp = _xp(boxes)
+    return xp.concatenate(
+        [boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], axis=-1
+    )
+
+
+def yxyx_to_xyxy(boxes):
+    """TFDS [ymin, xmin, ymax, xmax] -> [x1, y1, x2, y2] (a permutation, exact)."""
+    return boxes[..., [1, 0, 3, 2]]
+
+
+def xyxy_to_yxyx(boxes):
+    """[x1, y1, x2, y2] -> TFDS [ymin, xmin, ymax, xmax]."""
+    return boxes[..., [1, 0, 3, 2]]
+
+
+def xywh_to_xyxy(boxes):
+    """COCO [x, y, w, h] -> [x1, y1, x2, y2] (same units)."""
+    xp = _xp(boxes)
+    return xp.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
+
+
+def xyxy_to_xywh(boxes, pixel_offset: float = 0.0):
+    """[x1, y1, x2, y2] -> COCO [x, y, w, h]; `pixel_offset=1` gives w = x2 - x1 + 1 (the
+    original's COCO export, which counts both end pixels)."""
+    xp = _xp(boxes)
+    return xp.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2] + pixel_offset],
+                          axis=-1)  # fmt: skip
+
+
+def scale_xyxy(boxes, image_sizes):
+    """Normalized xyxy [B, N, 4] times (width, height) of `image_sizes` [B, 2] (height,
+    width) -> pixels. Kept out of a fused multiply-add with later differences (`no_fma`)."""
+    hw = jnp.asarray(image_sizes).astype(jnp.float32)
+    scale = jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=-1)  # [B, 4]
+    return no_fma(boxes * scale[:, None, :])
 
 
 def point_form(priors: jnp.ndarray) -> jnp.ndarray:
-    """(cx, cy, w, h) -> (x1, y1, x2, y2) as centre -/+ wh/2.  # [..., 4]"""
-    return jnp.concatenate(
-        [priors[..., :2] - priors[..., 2:] / 2, priors[..., :2] + priors[..., 2:] / 2], axis=-1
-    )
+    """Priors (cx, cy, w, h) -> xyxy, the name the loss uses (= `cxcywh_to_xyxy`)."""
+    return cxcywh_to_xyxy(priors)
+
+
+def no_fma(x: jnp.ndarray) -> jnp.ndarray:
+    """Identity on finite float32 values that XLA cannot fuse into a multiply-add.
+
+    XLA:CPU contracts `a * b + c` into one fused multiply-add (one rounding); the original's
+    separate tensor ops round the product first. A clip to the finite range between the
+    two keeps the product rounded, so float32 results agree with the original bit for bit.
+    """
+    big = jnp.finfo(x.dtype).max
+    return jnp.clip(x, -big, big)
 
 
 def iou(a: jnp.ndarray, b: jnp.ndarray, pixel_offset: float = 0.0) -> jnp.ndarray:
@@ -33,12 +105,6 @@ def iou(a: jnp.ndarray, b: jnp.ndarray, pixel_offset: float = 0.0) -> jnp.ndarra
     area_a = no_fma((a[:, 2] - a[:, 0] + pixel_offset) * (a[:, 3] - a[:, 1] + pixel_offset))
     area_b = no_fma((b[:, 2] - b[:, 0] + pixel_offset) * (b[:, 3] - b[:, 1] + pixel_offset))
     return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def no_fma(x: jnp.ndarray) -> jnp.ndarray:
-    """Identity on finite float32 values that XLA cannot fuse into a multiply-add."""
-    big = jnp.finfo(x.dtype).max
-    return jnp.clip(x, -big, big)
 
 
 def encode(matched: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jnp.ndarray:
