@@ -1,25 +1,34 @@
 """Forward speed of M2Det on whatever devices exist: s/img at batch B, compile time apart,
-and the fraction of the machine's measured matmul peak (2 x MACs / time / peak).
+and the fraction of the machine's measured matmul peak (2 x MACs / time / peak), with XLA's
+default CPU flags and with `runtime.CPU_CONV_FLAGS`, side by side in one run (each setting
+in its own subprocess: XLA reads its flags once per process).
 
   python benchmarks/forward.py --configs m2det320_vgg m2det512_vgg --batch 1
-  XLA_FLAGS= python benchmarks/forward.py ...   # without the CPU flags the CLI sets
 
-Optionally side by side with the original PyTorch network rebuilt from the converted
-weights is out of scope here; ORIGINAL.md §9 lists its CPU timings.
+Timings of the original PyTorch network on the development machines are in
+docs/original.md (§9).
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from m2det_jax import runtime
+from m2det_jax.benchmark import forward_speed, peak_gflops
+from m2det_jax.config import load_config
 
-from m2det_jax.cli import _set_xla_flags  # noqa: E402
 
-_set_xla_flags()
-
-from m2det_jax.cli import _peak_gflops, forward_speed  # noqa: E402
-from m2det_jax.config import load_config  # noqa: E402
+def measure(args) -> None:
+    """One setting, in this process: prints one JSON line per config."""
+    if args.flags == "conv":
+        runtime.use_cpu_conv_flags()
+    peak = peak_gflops()
+    for name in args.configs:
+        cfg = load_config(name, [f"model.dtype={args.dtype}"])
+        r = forward_speed(cfg, batch=args.batch, iters=args.iters)
+        print(json.dumps({"config": name, "peak": peak, **r}), flush=True)
 
 
 def main():
@@ -28,19 +37,31 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--flags", choices=("both", "default", "conv"), default="both",
+                    help="XLA:CPU flags: default, runtime.CPU_CONV_FLAGS, or both side by side")
+    ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import jax
-
-    peak = _peak_gflops()
-    print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"measured f32 matmul peak: {peak:.0f} GFLOP/s")
-    hdr = ('config', 'batch', 'compile s', 's/img', 'GFLOP/s', '% peak')
-    print(f"{hdr[0]:22s} {hdr[1]:>5s} {hdr[2]:>9s} {hdr[3]:>7s} {hdr[4]:>8s} {hdr[5]:>6s}")
-    for name in args.configs:
-        cfg = load_config(name, [f"model.dtype={args.dtype}"])
-        r = forward_speed(cfg, batch=args.batch, iters=args.iters)
-        print(f"{name:22s} {args.batch:5d} {r['compile_s']:9.1f} {r['s_per_img']:7.3f} "
-              f"{r['gflops']:8.0f} {100 * r['gflops'] / peak:6.0f}")
+    if args._measure:
+        return measure(args)
+    settings = ["default", "conv"] if args.flags == "both" else [args.flags]
+    if "conv" in settings and not runtime.cpu_conv_flags_supported():
+        print("this jaxlib does not know runtime.CPU_CONV_FLAGS: default flags only")
+        settings = ["default"]
+    print(f"CPU: {runtime.cpu_model()}; XLA_FLAGS of the caller: "
+          f"{os.environ.get('XLA_FLAGS', '')!r}")
+    rows = []
+    for setting in settings:  # one subprocess per setting (XLA reads flags at start)
+        cmd = [sys.executable, __file__, "--_measure", "--flags", setting, "--batch",
+               str(args.batch), "--iters", str(args.iters), "--dtype", args.dtype,
+               "--configs", *args.configs]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows += [(setting, json.loads(line)) for line in out.splitlines() if line.startswith("{")]
+    hdr = ("config", "XLA flags", "batch", "compile s", "s/img", "GFLOP/s", "% peak")
+    print(f"{hdr[0]:16s} {hdr[1]:>9s} {hdr[2]:>5s} {hdr[3]:>9s} {hdr[4]:>7s} {hdr[5]:>8s} "
+          f"{hdr[6]:>6s}")
+    for setting, r in sorted(rows, key=lambda x: x[1]["config"]):
+        print(f"{r['config']:16s} {setting:>9s} {r['batch']:5d} {r['compile_s']:9.1f} "
+              f"{r['s_per_img']:7.3f} {r['gflops']:8.0f} {100 * r['gflops'] / r['peak']:6.0f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ import gc
 import os
 import time
 
+import tensorflow_datasets as tfds
+
+from m2det_jax.config import default_config
+from m2det_jax.data import pipeline
+from m2det_jax.data.shapes import build_shapes
+
 
 def _time(make, batches: int) -> tuple[float, float]:
     t0 = time.perf_counter()
@@ -44,12 +50,6 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
-
-    import tensorflow_datasets as tfds
-
-    from m2det_jax.config import default_config
-    from m2det_jax.data import pipeline
-    from m2det_jax.data.shapes import build_shapes
 
     tfds.disable_progress_bar()
     t0 = time.perf_counter()

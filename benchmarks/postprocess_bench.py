@@ -16,8 +16,8 @@ standard preset (`standard_postprocess`: IoU without +1, 100 per image).
 Columns:
   jax       jitted `detect` on inputs already on the device (the network's outputs),
             compile excluded, median of --repeats and at least 1 s of calls; `layout`
-            is the static layout it ran (`postprocess.layout_index`: fast / sparse /
-            tiered / plain).
+            is the static layout it ran (`postprocess.layout_index` into
+            `postprocess.layouts.static_layouts`: fast / sparse / tiered / plain).
   np full   the original algorithm in numpy: per-class Python loop, the C soft-NMS loop
             (each step vectorised in numpy) run to the end, no candidate cap. This is
             what the original's nms_process computes; the original runs the soft-NMS loop
@@ -47,6 +47,7 @@ import numpy as np
 
 from m2det_jax import postprocess, runtime
 from m2det_jax.config import default_config
+from m2det_jax.postprocess import layouts
 from m2det_jax.priors import prior_boxes
 
 F32 = np.float32
@@ -212,8 +213,10 @@ def main():
     malloc = args.malloc
     if malloc == "kept" and not runtime.keep_freed_memory():
         malloc = "default (keep_freed_memory unavailable: not glibc)"
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch 1, 81 classes, "
-          f"malloc {malloc}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({runtime.cpu_model()}), "
+        f"batch 1, 81 classes, malloc {malloc}"
+    )
     header = (
         f"{'size':>4} {'priors':>6} {'case':>8} {'preset':>8} {'cands':>6} {'maxcls':>6} "
         f"{'layout':>22} {'jax ms':>8} {'np full ms':>10} {'np 50 ms':>9} {'x full':>7} "
@@ -250,13 +253,13 @@ def main():
                 )  # fmt: skip
                 _interleaved(timers)
                 t_jax, t_full, t_50 = (t.median_ms() for t in timers)
-                layouts = postprocess._layouts(
+                static = layouts.static_layouts(
                     80,
                     len(priors),
                     p.candidates_per_class,
                     postprocess.PostprocessSettings.from_config(c),
                 )
-                u, tiers = layouts[postprocess.layout_index(logits[None], c)]
+                u, tiers = static[postprocess.layout_index(logits[None], c)]
                 lay = f"{u}:" + "+".join(f"{r}x{k}" for r, k in tiers)
                 print(
                     f"{size:>4} {len(priors):>6} {kind:>8} {preset:>8} {int(above.sum()):>6} "

@@ -7,38 +7,36 @@ The batch is synthetic (the input pipeline is measured by benchmarks/input_pipel
 """
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import numpy as np
 
-from m2det_jax.cli import _set_xla_flags  # noqa: E402
-
-_set_xla_flags()
+from m2det_jax import runtime
+from m2det_jax import sharding as shd
+from m2det_jax.config import load_config
+from m2det_jax.models import build_model
+from m2det_jax.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.priors import prior_boxes
+from m2det_jax.train import TrainState, make_train_step
 
 
 def main():
-    import jax
-    import numpy as np
-
-    from m2det_jax import sharding as shd
-    from m2det_jax.config import load_config
-    from m2det_jax.models import build_model
-    from m2det_jax.optim import make_optimizer
-    from m2det_jax.priors import prior_boxes
-    from m2det_jax.train import init_state, make_train_step
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/shapes.py")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("overrides", nargs="*", help="a.b=value")
+    ap.add_argument("--xla_cpu_conv_flags", action="store_true",
+                    help="runtime.use_cpu_conv_flags() before JAX starts")
     args = ap.parse_args()
+    if args.xla_cpu_conv_flags:
+        runtime.use_cpu_conv_flags()
     cfg = load_config(args.config, [f"train.batch_size={args.batch}", *args.overrides])
     mesh = shd.make_mesh()
-    model, tx = build_model(cfg), make_optimizer(cfg, 100)
-    state = jax.jit(lambda r: init_state(model, tx, cfg, r),
+    schedule = learning_rate_schedule(cfg, 100)
+    model, tx = build_model(cfg), make_optimizer(cfg, schedule)
+    state = jax.jit(lambda r: TrainState.create(model, tx, cfg, r),
                     out_shardings=shd.replicated(mesh))(jax.random.key(0))  # fmt: skip
     s, g, b = cfg.model.input_size, cfg.data.max_boxes, args.batch
     rng = np.random.default_rng(0)
@@ -48,7 +46,7 @@ def main():
         "boxes": np.concatenate([xy, xy + 0.3], -1).astype(np.float32),
         "labels": np.ones((b, g), np.int32), "valid": np.ones((b, g), bool),
         "mask": np.ones(b, bool)}, mesh)  # fmt: skip
-    step = jax.jit(make_train_step(model, tx, cfg, prior_boxes(cfg), 100),
+    step = jax.jit(make_train_step(model, tx, schedule, cfg, prior_boxes(cfg)),
                    in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
                    out_shardings=(shd.replicated(mesh), shd.replicated(mesh)),
                    donate_argnums=(0,))  # fmt: skip
@@ -62,8 +60,9 @@ def main():
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t) / args.steps
-    print(f"devices {len(jax.devices())} x {jax.devices()[0].platform}  config {args.config}  "
-          f"batch {b}: compile {compile_s:.1f} s, {dt:.3f} s/step, {b / dt:.1f} images/s")
+    print(f"{runtime.cpu_model()}: devices {len(jax.devices())} x {jax.devices()[0].platform}  "
+          f"config {args.config}  batch {b}: compile {compile_s:.1f} s, {dt:.3f} s/step, "
+          f"{b / dt:.1f} images/s")
 
 
 if __name__ == "__main__":

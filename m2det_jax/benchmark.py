@@ -1,12 +1,17 @@
-"""Inference speed as the paper reports it, plus throughput and post-processing alone.
+"""Speed: inference as the paper reports it, throughput, post-processing alone, the
+forward pass and the machine's matmul peak.
 
 The paper (M2Det, Table 1 "Time") times one image at a time, network + NMS, on a Titan X;
 `run_benchmark` measures the same protocol here (batch 1, the whole jitted
-`evaluate.make_inference_fn`, mean over `iters` calls after a warm-up), the throughput of
+`predict.make_predict_fn`, mean over `iters` calls after a warm-up), the throughput of
 batched inference, and `postprocess.detect` alone for the original-compatible settings of
 the config and for `standard_postprocess(cfg)`. Compilation is timed separately and never
 counted in the per-image numbers. Without a checkpoint the weights are random (the
 post-processing time then depends on how many random scores pass the threshold).
+
+`forward_speed` times the network alone (median of `iters` calls) with its conv GFLOP/s,
+and `peak_gflops` measures the machine's float32 matmul throughput, the denominator of
+the efficiency that `m2det verify` and `benchmarks/forward.py` print.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from m2det_jax.evaluate import make_inference_fn
+from m2det_jax import runtime
 from m2det_jax.models import build_model
 from m2det_jax.postprocess import make_detect_fn, standard_postprocess
+from m2det_jax.predict import make_predict_fn
 from m2det_jax.priors import prior_boxes
+from m2det_jax.stats import count_macs
 
 
 def _timed(fn, args, iters: int) -> tuple[float, float]:
@@ -66,8 +73,9 @@ def run_benchmark(
         "iters": iters,
         "random_weights": random_weights,
         "device": jax.devices()[0].device_kind,
+        "cpu": runtime.cpu_model(),
     }
-    infer = make_inference_fn(cfg)
+    infer = make_predict_fn(cfg)
     hw1 = jnp.full((1, 2), float(s), jnp.float32)
     c, sec = _timed(infer, (variables, x1, hw1), iters)
     out["paper"] = {"compile_s": c, "s_per_img": sec, "fps": 1.0 / sec}
@@ -93,7 +101,7 @@ def run_benchmark(
 
 def format_table(r: dict[str, Any]) -> str:
     """The benchmark result as a fixed-width text table."""
-    head = f"input {r['input_size']}, {r['device']}, mean of {r['iters']} iters" + (
+    head = f"input {r['input_size']}, {r['device']} ({r['cpu']}), mean of {r['iters']} iters" + (
         ", random weights" if r["random_weights"] else ""
     )
     rows = [
@@ -118,3 +126,41 @@ def format_table(r: dict[str, Any]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def forward_speed(cfg: ml_collections.ConfigDict, variables=None, batch: int = 1,
+                  iters: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Compile time, median seconds per image of the forward pass at `batch` and its conv
+    GFLOP/s (2 x MACs / time); random weights when `variables` is None."""
+    model = build_model(cfg)
+    s = cfg.model.input_size
+    x = _images(cfg, batch)
+    if variables is None:
+        variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    t = time.perf_counter()
+    compiled = fwd.lower(variables, x).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(variables, x))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(variables, x))
+        times.append(time.perf_counter() - t)
+    sec = float(np.median(times))
+    macs = count_macs(model, variables, s, batch)
+    return {"input_size": s, "batch": batch, "compile_s": compile_s, "s_per_img": sec / batch,
+            "gflops": 2 * macs / sec / 1e9}  # fmt: skip
+
+
+def peak_gflops(seconds: float = 2.0, n: int = 2048) -> float:
+    """The best float32 n x n matmul throughput (XLA) over `seconds`, in GFLOP/s."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best

@@ -1,9 +1,14 @@
-"""Orbax checkpoints of model variables (converted weights, inference checkpoints).
+"""Orbax checkpoints: model variables (converted weights, inference checkpoints) and
+training runs.
 
-Layout: an orbax `CheckpointManager` directory with one step holding two items:
+Variables: an orbax `CheckpointManager` directory with one step holding two items:
 `variables` ({"params", "batch_stats"}, StandardSave) and `meta` (JSON: the model
 config, the priors count and where the weights came from). Loading checks the stored
 model config against the requested one and names every field that differs.
+
+Training (`TrainCheckpoints`): `<workdir>/checkpoints`, one step per save with three
+items: `state` (the train state), `data` (every process's input-iterator position, JSON)
+and `meta` (model signature, steps per epoch). Saves are asynchronous.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from m2det_jax import sharding as shd
+from m2det_jax.models import abstract_variables
 
 MODEL_FIELDS_THAT_CHANGE_WEIGHTS = (
     "backbone", "num_classes", "planes", "num_levels", "num_scales", "smooth", "sfam",
@@ -112,8 +120,6 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
             state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore()))["state"]  # fmt: skip
         return {"params": state["params"], "batch_stats": state["batch_stats"]}
-    from m2det_jax.models import abstract_variables
-
     abstract = abstract_variables(cfg)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     modules = meta.get("modules")
@@ -129,3 +135,40 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
             step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract))
         )
     return restored["variables"]
+
+
+class TrainCheckpoints:
+    """The checkpoints of a training run (async saves; see the module docstring)."""
+
+    def __init__(self, directory: str, keep: int):
+        self.directory = directory
+        self._mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True))  # fmt: skip
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def restore(self, step: int, target, cfg) -> tuple[Any, dict[str, Any]]:
+        """(state restored into `target`'s shapes, dtypes and shardings, {process index:
+        iterator state}) of `step`, after checking the model config."""
+        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        check_signature(meta["meta"]["model"], cfg, self.directory)
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))  # fmt: skip
+        return restored["state"], restored["data"]
+
+    def save(self, step: int, state, data_state, meta: dict[str, Any]) -> None:
+        """Starts an async save of `state` and of every process's `data_state` (a
+        collective: every process calls it at the same step)."""
+        states = shd.allgather_json(data_state)
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({str(i): v for i, v in enumerate(states)}),
+            meta=ocp.args.JsonSave(meta)), force=True)  # fmt: skip
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -1,6 +1,8 @@
-"""The `m2det` command line: thin wrappers that parse flags and call the library.
+"""The `m2det` command line: parses flags and calls the library, nothing else.
 
-Every subcommand takes `--config path.py` plus `--config.a.b=value` overrides.
+Every subcommand takes `--config path.py` (or a shipped name) plus `--config.a.b=value`
+overrides. `--xla_cpu_conv_flags` (or M2DET_XLA_CPU_CONV_FLAGS=1) opts in to
+`runtime.CPU_CONV_FLAGS` before JAX starts.
 """
 
 from __future__ import annotations
@@ -9,24 +11,19 @@ import argparse
 import json
 import os
 import sys
-import time
 
-# XLA CPU flags that matter on this class of machine (measured: ../README.md, Speed).
-# Applied before JAX starts, only if the user has not set XLA_FLAGS themselves.
-_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
-
-
-def _set_xla_flags() -> None:
-    if "XLA_FLAGS" in os.environ:
-        return
-    try:
-        from importlib.metadata import version
-
-        major, minor = (int(p) for p in version("jaxlib").split(".")[:2])
-    except Exception:  # noqa: BLE001 - unknown jaxlib: leave the defaults alone
-        return
-    if (major, minor) == (0, 10):  # unknown XLA flags abort the process: only known ones
-        os.environ["XLA_FLAGS"] = _CPU_XLA_FLAGS
+from m2det_jax import runtime
+from m2det_jax.annotate import detect_files
+from m2det_jax.benchmark import format_table, run_benchmark
+from m2det_jax.checkpoints import ConfigMismatchError, load_variables, save_variables
+from m2det_jax.config import load_config
+from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
+from m2det_jax.evaluate import evaluate_variables
+from m2det_jax.export import export
+from m2det_jax.sharding import initialize_distributed
+from m2det_jax.stats import count_params, model_summary
+from m2det_jax.train import NonFiniteLossError, train_and_evaluate
+from m2det_jax.verify import verify_reference
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -50,19 +47,24 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _load(args, overrides):
-    from m2det_jax.config import load_config
-
     try:
         return load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def cmd_convert(args, cfg) -> int:
-    from m2det_jax.checkpoints import save_variables
-    from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
-    from m2det_jax.stats import count_params
+def _load_checkpoint(path: str, cfg):
+    try:
+        return load_variables(path, cfg)
+    except (ConfigMismatchError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
+
+def _int_list(text: str | None) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+
+
+def cmd_convert(args, cfg) -> int:
     try:
         variables = convert_torch_state_dict(args.checkpoint, cfg)
     except (CheckpointMismatchError, ValueError, FileNotFoundError, ImportError) as e:
@@ -75,101 +77,15 @@ def cmd_convert(args, cfg) -> int:
     return 0
 
 
-def _peak_gflops(seconds: float = 2.0) -> float:
-    """Measured f32 matmul throughput of this machine (XLA), the denominator for efficiency."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def forward_speed(cfg, variables=None, batch: int = 1, iters: int = 5) -> dict:
-    """Compile time and median seconds per forward pass at `batch` (random weights if None)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from m2det_jax.models import build_model
-    from m2det_jax.stats import count_macs
-
-    model = build_model(cfg)
-    s = cfg.model.input_size
-    x = jnp.asarray(np.random.default_rng(0).normal(0, 50, (batch, s, s, 3)), jnp.float32)
-    if variables is None:
-        variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    t = time.perf_counter()
-    compiled = fwd.lower(variables, x).compile()
-    compile_s = time.perf_counter() - t
-    jax.block_until_ready(compiled(variables, x))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(variables, x))
-        times.append(time.perf_counter() - t)
-    sec = float(np.median(times))
-    macs = count_macs(model, variables, s, batch)
-    return {
-        "input_size": s,
-        "batch": batch,
-        "compile_s": compile_s,
-        "s_per_img": sec / batch,
-        "gflops": 2 * macs / sec / 1e9,
-    }
-
-
 def cmd_verify(args, cfg) -> int:
-    """Converts the seeded reference weights and compares with the original's outputs."""
-    import jax
-    import numpy as np
-
-    from m2det_jax.convert import convert_torch_state_dict
-    from m2det_jax.models import build_model
-    from m2det_jax.priors import prior_boxes
-    from m2det_jax.reference import load_fixture, seeded_weights
-
-    if cfg.model.backbone != "vgg16" or cfg.model.input_size != 320 or cfg.model.sfam:
-        raise SystemExit("error: the shipped reference is m2det320_vgg: use that config")
-    fx = load_fixture()
-    t = time.perf_counter()
-    variables = convert_torch_state_dict(seeded_weights(fx["keys"]), cfg)
-    print(f"converted {len(fx['keys'])} state_dict entries in {time.perf_counter() - t:.2f} s")
-    priors_ok = np.array_equal(prior_boxes(cfg), fx["priors"])
-    print(f"priors bit-identical to the original: {priors_ok}")
-    model = build_model(cfg)
-    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, fx["input"])
-    ok = priors_ok
-    for name, ref in (("loc", fx["loc"]), ("logits", fx["conf"])):
-        got = np.asarray(out[name])
-        err = float(np.abs(got - ref).max())
-        tol_ok = np.allclose(got, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
-        ok &= tol_ok
-        print(f"{name:6s} max|diff| {err:.2e} (max|ref| {np.abs(ref).max():.2f}) "
-              f"within rtol=1e-3, atol=1e-4*max|ref|: {tol_ok}")  # fmt: skip
-    sp = forward_speed(cfg, variables, iters=args.iters)
-    peak = _peak_gflops()
-    print(f"forward 320, batch 1: {sp['s_per_img']:.3f} s/img (compile {sp['compile_s']:.1f} s), "
-          f"{sp['gflops']:.0f} GFLOP/s = {100 * sp['gflops'] / peak:.0f}% of the measured "
-          f"{peak:.0f} GFLOP/s matmul peak")  # fmt: skip
-    print("PARITY OK" if ok else "PARITY FAILED")
-    return 0 if ok else 1
+    try:
+        return 0 if verify_reference(cfg, iters=args.iters) else 1
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_train(args, cfg) -> int:
-    from m2det_jax.sharding import initialize_distributed
-
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    from m2det_jax.train import NonFiniteLossError, train_and_evaluate
-
     try:
         result = train_and_evaluate(cfg, args.workdir)
     except NonFiniteLossError as e:
@@ -187,8 +103,6 @@ def cmd_train(args, cfg) -> int:
 
 
 def cmd_eval(args, cfg) -> int:
-    from m2det_jax.evaluate import evaluate_variables
-
     variables = _load_checkpoint(args.checkpoint, cfg)
     os.makedirs(args.workdir, exist_ok=True)
     m = evaluate_variables(cfg, variables, workdir=args.workdir)
@@ -198,28 +112,11 @@ def cmd_eval(args, cfg) -> int:
 
 
 def cmd_summary(args, cfg) -> int:
-    from m2det_jax.stats import model_summary
-
     print(json.dumps(model_summary(cfg)))
     return 0
 
 
-def _int_list(text: str | None) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
-
-
-def _load_checkpoint(path: str, cfg):
-    from m2det_jax.checkpoints import ConfigMismatchError, load_variables
-
-    try:
-        return load_variables(path, cfg)
-    except (ConfigMismatchError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def cmd_detect(args, cfg) -> int:
-    from m2det_jax.inference import detect_files
-
     variables = _load_checkpoint(args.checkpoint, cfg)
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     try:
@@ -235,8 +132,6 @@ def cmd_detect(args, cfg) -> int:
 
 
 def cmd_export(args, cfg) -> int:
-    from m2det_jax.export import export
-
     variables = _load_checkpoint(args.checkpoint, cfg)
     info = export(cfg, variables, args.output, bf16=args.bf16, batch=args.batch,
                   serving=args.serving)  # fmt: skip
@@ -246,8 +141,6 @@ def cmd_export(args, cfg) -> int:
 
 
 def cmd_benchmark(args, cfg) -> int:
-    from m2det_jax.benchmark import format_table, run_benchmark
-
     variables = _load_checkpoint(args.checkpoint, cfg) if args.checkpoint else None
     result = run_benchmark(cfg, variables, batch=args.batch, iters=args.iters)
     print(format_table(result))
@@ -264,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", default=config_default, help="config file (.py)")
         sp.add_argument("--workdir", default="workdir", help="output directory")
+        sp.add_argument("--xla_cpu_conv_flags", action="store_true",
+                        help="XLA:CPU with YNNPACK fusions off (runtime.CPU_CONV_FLAGS): "
+                             "faster convolutions on the CPUs we measured; measure yours "
+                             "(python benchmarks/forward.py)")  # fmt: skip
         sp.set_defaults(fn=fn)
         return sp
 
@@ -318,10 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _set_xla_flags()
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
+    if args.xla_cpu_conv_flags or os.environ.get("M2DET_XLA_CPU_CONV_FLAGS") == "1":
+        if not runtime.use_cpu_conv_flags():  # before any JAX computation
+            print("warning: --xla_cpu_conv_flags: this jaxlib does not know the flag; "
+                  "ignored", file=sys.stderr)  # fmt: skip
     cfg = _load(args, overrides)
     return int(args.fn(args, cfg) or 0)
 

@@ -8,6 +8,10 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from m2det_jax import box_ops
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
@@ -28,18 +32,17 @@ def to_coco_results(
     `category_ids[c - 1]` is the COCO id of contiguous class c.
     """
     cat = np.asarray(category_ids)
-    out = []
-    for i in range(boxes.shape[0]):
-        keep = np.flatnonzero(valid[i])
-        for k in keep:
-            x1, y1, x2, y2 = (float(v) for v in boxes[i, k])
-            out.append({
-                "image_id": int(image_ids[i]),
-                "category_id": int(cat[int(classes[i, k]) - 1]),
-                "bbox": [x1, y1, x2 - x1 + pixel_offset, y2 - y1 + pixel_offset],
-                "score": float(scores[i, k]),
-            })  # fmt: skip
-    return out
+    valid = np.asarray(valid, bool)
+    img, _ = np.nonzero(valid)
+    xywh = box_ops.xyxy_to_xywh(np.asarray(boxes, np.float64)[valid], pixel_offset)
+    cats = cat[np.asarray(classes)[valid].astype(np.int64) - 1]
+    ids = np.asarray(image_ids)[img]
+    scores = np.asarray(scores)[valid].astype(np.float64)
+    return [
+        {"image_id": i, "category_id": c, "bbox": b, "score": sc}
+        for i, c, b, sc in zip(ids.tolist(), cats.tolist(), xywh.tolist(), scores.tolist(),
+                               strict=True)
+    ]
 
 
 def coco_evaluate(annotation_file: str, results: list[dict], image_ids=None,
@@ -49,9 +52,6 @@ def coco_evaluate(annotation_file: str, results: list[dict], image_ids=None,
     Images of `image_ids` (default: all in the annotations) with no detection count as
     misses. No detections at all gives zeros, not an error.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         gt = COCO(annotation_file)

@@ -15,27 +15,13 @@ from collections.abc import Iterable
 
 import ml_collections
 
+from m2det_jax.priors import feature_map_sizes, resolve_size_pattern
+
 BACKBONES = ("vgg16", "resnet18", "resnet34", "resnet50", "resnet101")
 POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
 
-# size_pattern per shipped input size (ORIGINAL.md §2); other sizes use DEFAULT_SIZE_PATTERN.
-SIZE_PATTERNS = {
-    320: (0.08, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
-    512: (0.06, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
-    704: (0.04, 0.11, 0.23, 0.39, 0.58, 0.80, 1.05),
-    800: (0.04, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
-}
-# steps per shipped input size, as written in the original configs (not input/feature-map).
-STEPS = {
-    320: (8, 16, 32, 64, 107, 320),
-    512: (8, 16, 32, 64, 128, 256),
-    704: (8, 16, 32, 64, 117, 176),
-    800: (8, 16, 32, 62, 115, 160),
-}
-
-
 def default_config() -> ml_collections.ConfigDict:
-    """All defaults: M2Det320-VGG as the official code configures it (ORIGINAL.md)."""
+    """All defaults: M2Det320-VGG as the official code configures it (docs/original.md)."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -57,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.norm_momentum = 0.9  # `Norm` and ResNet BN: PyTorch momentum 0.1
 
     c.anchors = ml_collections.ConfigDict()
-    # None -> taken from SIZE_PATTERNS / STEPS for the shipped sizes, derived otherwise.
+    # None -> priors.SIZE_PATTERNS / priors.STEPS for the shipped sizes, derived otherwise.
     c.anchors.size_pattern = ml_collections.FieldReference(None, field_type=tuple)
     c.anchors.steps = ml_collections.FieldReference(None, field_type=tuple)
     c.anchors.aspect_ratios = (2, 3)
@@ -75,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.postprocess = ml_collections.ConfigDict()
     c.postprocess.method = "soft_linear"  # one of POSTPROCESS_METHODS
-    c.postprocess.iou_threshold = 0.3  # the Nt the original really uses (ORIGINAL.md §5)
+    c.postprocess.iou_threshold = 0.3  # the Nt the original really uses (docs/original.md §5)
     c.postprocess.sigma = 0.5  # gaussian soft-NMS only
     c.postprocess.score_threshold = 0.1  # candidate threshold (strictly greater)
     c.postprocess.min_score = 0.001  # soft-NMS discard floor
@@ -143,29 +129,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def resolve_size_pattern(cfg) -> tuple[float, ...]:
-    """size_pattern (num_scales + 1 fractions of the input size) for `cfg`."""
-    m = cfg.model
-    if cfg.anchors.size_pattern is not None:
-        sp = tuple(float(v) for v in cfg.anchors.size_pattern)
-    elif m.input_size in SIZE_PATTERNS and m.num_scales == 6:
-        sp = SIZE_PATTERNS[m.input_size]
-    else:
-        # The 320/512 spacing generalised: 0.08 first, then an even ladder from 0.15 to
-        # 0.87 over the remaining scales, plus one step past the end for max_sizes.
-        n = m.num_scales - 1
-        lo, hi = 0.15, 0.87
-        step = (hi - lo) / max(n - 1, 1)
-        ladder = [lo + i * step for i in range(n)]
-        sp = (0.08, *ladder, ladder[-1] + step)
-    if len(sp) != m.num_scales + 1:
-        raise ValueError(
-            f"anchors.size_pattern has {len(sp)} entries; model.num_scales={m.num_scales} "
-            f"needs {m.num_scales + 1}"
-        )
-    return sp
-
-
 def validate(cfg) -> None:
     """Raises ValueError naming the field and value of any setting that cannot work."""
     m = cfg.model
@@ -196,8 +159,6 @@ def validate(cfg) -> None:
     if len(cfg.anchors.variance) != 2:
         raise ValueError(f"anchors.variance={cfg.anchors.variance}: two values")
     # Geometry: raises with the offending size if the TUM cannot be built.
-    from m2det_jax.priors import feature_map_sizes
-
     tta = cfg.get("tta")
     if tta is not None:
         sizes = tuple(tta.sizes)

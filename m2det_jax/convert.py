@@ -18,8 +18,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
+from m2det_jax.models import abstract_variables
 from m2det_jax.models.backbones import RESNET_SPECS, VGG_TORCH_INDEX
 
 # Entries that exist in state_dicts but carry nothing we need.
@@ -184,10 +186,6 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def _abstract_shapes(cfg) -> dict[str, Any]:
-    import jax
-
-    from m2det_jax.models import abstract_variables
-
     return jax.tree.map(lambda x: tuple(x.shape), abstract_variables(cfg))
 
 
@@ -300,8 +298,6 @@ def convert_torch_state_dict(
 def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """Returns `base` with every leaf present in `update` replaced (e.g. a pretrained
     backbone into freshly initialised variables). Shapes must agree."""
-    import jax
-
     def merge(b, u, path):
         if not isinstance(u, Mapping):
             if tuple(np.shape(b)) != tuple(np.shape(u)):

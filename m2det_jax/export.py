@@ -18,9 +18,10 @@
   - `out/serving.json`: what the served function takes and returns.
 
 The served function: `fn(images, image_sizes)` with `images` uint8 RGB [B, S, S, 3] already
-resized to the config's input size S (cv2-style bilinear, see `inference.preprocess`) and
-`image_sizes` float32 [B, 2] (height, width) of the original images; it applies the config's
-channel order / means / scale and returns `postprocess.detect`'s fixed-size dict (boxes in
+resized to the config's input size S (cv2-style bilinear, see `predict.prepare_images`) and
+`image_sizes` float32 [B, 2] (height, width) of the original images; it applies the
+config's channel order / means / scale (`preprocess.preprocess`, inside the program) and
+returns `postprocess.detect`'s fixed-size dict (boxes in
 pixels of image_sizes, scores, classes, valid, num_dropped, num_tie_dropped).
 """
 
@@ -36,11 +37,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax._src import xla_bridge
+from jax._src.export import _export
+from jax._src.lib import _jax
+from jax._src.lib.mlir.dialects import hlo
 
 from m2det_jax.checkpoints import save_variables
-from m2det_jax.models import build_model
-from m2det_jax.postprocess import make_detect_fn
-from m2det_jax.priors import prior_boxes
+from m2det_jax.predict import make_predict_fn
+from m2det_jax.preprocess import preprocess
 
 SERVING_FILE = "serving.jax_export"
 SAVED_MODEL_DIR = "saved_model"
@@ -65,26 +69,13 @@ def make_serving_fn(cfg: ml_collections.ConfigDict, variables) -> Callable[..., 
     Weights stored in bfloat16 are cast back to float32 inside (compute stays in the
     config's dtype); preprocessing follows cfg.preprocess.
     """
-    model = build_model(cfg)
-    priors = jnp.asarray(prior_boxes(cfg))
-    detect_fn = make_detect_fn(cfg)
-    p = cfg.preprocess
-    bgr = p.channel_order.lower() == "bgr"
-    means = jnp.asarray(p.pixel_means, jnp.float32)
-    scale = float(p.pixel_scale)
+    predict = make_predict_fn(cfg)
 
     def fn(images, image_sizes):
         v = jax.tree.map(
             lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, variables
         )
-        x = images.astype(jnp.float32)
-        if bgr:
-            x = x[..., ::-1]
-        x = x - means
-        if scale != 1.0:
-            x = x / scale
-        out = model.apply(v, x, train=False)
-        return detect_fn(out["loc"], out["logits"], priors, image_sizes.astype(jnp.float32))
+        return predict(v, preprocess(images, cfg), image_sizes.astype(jnp.float32))
 
     return fn
 
@@ -139,11 +130,6 @@ def _stablehlo_for_tensorflow():
     private serializer is swapped for one targeting the 12-week window (1.13.7) while the
     SavedModel is written, then restored.
     """
-    from jax._src import xla_bridge
-    from jax._src.export import _export
-    from jax._src.lib import _jax
-    from jax._src.lib.mlir.dialects import hlo
-
     original = getattr(_export, "_module_to_bytecode", None)
     if original is None:  # pragma: no cover - guards a jax upgrade past the pinned range
         raise RuntimeError(

@@ -1,4 +1,4 @@
-"""MultiBoxLoss of the original M2Det (ORIGINAL.md §4), vectorised over the batch.
+"""MultiBoxLoss of the original M2Det (docs/original.md §4), vectorised over the batch.
 
 Per image: match priors to ground truth (IoU, best GT per prior, force-match each GT's
 best prior, threshold), encode loc targets, then smooth-L1 over positives and
@@ -81,7 +81,7 @@ def match(
     *,
     batch_size: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Batched prior matching as the original's `match` (ORIGINAL.md §4).
+    """Batched prior matching as the original's `match` (docs/original.md §4).
 
     Args:
       priors: [P, 4] (cx, cy, w, h).
@@ -150,7 +150,7 @@ def multibox_loss(
     *,
     match_batch_size: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The original MultiBoxLoss (ORIGINAL.md §4): (loc_loss, conf_loss), each / N.
+    """The original MultiBoxLoss (docs/original.md §4): (loc_loss, conf_loss), each / N.
 
     Args:
       loc: [B, P, 4] predicted regressions.

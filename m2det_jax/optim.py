@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the original (ORIGINAL.md §6).
+"""Optimizer and learning-rate schedule of the original (docs/original.md §6).
 
 SGD, momentum 0.9, weight decay 5e-4 on every parameter (BN and biases too, as the
 original); linear warm-up from `warmup_start_lr` to `base_lr` over `warmup_epochs`, then
@@ -7,6 +7,8 @@ first i with lr_epochs[i] >= e.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,18 +40,18 @@ def learning_rate_schedule(cfg, steps_per_epoch: int):
     return schedule
 
 
-def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, schedule: Callable) -> optax.GradientTransformation:
     """PyTorch-style SGD: g + wd * p, then momentum, then -lr (optional global-norm clip
-    first; the original does not clip)."""
+    first; the original does not clip). `schedule` is `learning_rate_schedule(cfg, ...)`,
+    built once by the caller (the train step logs the same schedule)."""
     t = cfg.train
     clip = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
     if t.optimizer == "adamw":  # not the original's; converges faster from scratch
-        return optax.chain(*clip, optax.adamw(learning_rate_schedule(cfg, steps_per_epoch),
-                                              weight_decay=t.weight_decay))  # fmt: skip
+        return optax.chain(*clip, optax.adamw(schedule, weight_decay=t.weight_decay))
     if t.optimizer != "sgd":
         raise ValueError(f"train.optimizer={t.optimizer!r}: expected 'sgd' or 'adamw'")
     return optax.chain(
         *clip,
         optax.add_decayed_weights(t.weight_decay),
-        optax.sgd(learning_rate_schedule(cfg, steps_per_epoch), momentum=t.momentum),
+        optax.sgd(schedule, momentum=t.momentum),
     )

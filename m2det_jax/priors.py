@@ -1,8 +1,12 @@
-"""Prior (anchor) boxes, bit-identical to the original PriorBox for the shipped sizes.
+"""Prior (anchor) boxes and feature-map geometry; a leaf module (imports nothing of ours).
 
-Order (ORIGINAL.md §2): scales from the largest map to the smallest, then rows (y), then
-columns (x), then 6 anchors per location: (s, s), (s', s'), ar2 wide, ar2 tall, ar3 wide,
-ar3 tall. Output is center form (cx, cy, w, h), normalized, clamped to [0, 1] as a whole.
+Bit-identical to the original's PriorBox for the shipped sizes (docs/original.md §2).
+Order: scales from the largest map to the smallest, then rows (y), then columns (x), then
+6 anchors per location: (s, s), (s', s'), ar2 wide, ar2 tall, ar3 wide, ar3 tall. Output
+is center form (cx, cy, w, h), normalized, clamped to [0, 1] as a whole.
+
+The functions take the config (`cfg.model`, `cfg.anchors`) but never import the config
+module: `config.validate` calls them to check the geometry of a config.
 """
 
 from __future__ import annotations
@@ -11,7 +15,21 @@ import math
 
 import numpy as np
 
-from m2det_jax.config import STEPS, resolve_size_pattern
+# size_pattern per shipped input size, as the original configs write it; other sizes (or
+# num_scales != 6) use the ladder of `resolve_size_pattern`.
+SIZE_PATTERNS = {
+    320: (0.08, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+    512: (0.06, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+    704: (0.04, 0.11, 0.23, 0.39, 0.58, 0.80, 1.05),
+    800: (0.04, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05),
+}
+# steps per shipped input size, as written in the original configs (not input/feature-map).
+STEPS = {
+    320: (8, 16, 32, 64, 107, 320),
+    512: (8, 16, 32, 64, 128, 256),
+    704: (8, 16, 32, 64, 117, 176),
+    800: (8, 16, 32, 62, 115, 160),
+}
 
 
 def _down(n: int) -> int:
@@ -53,6 +71,29 @@ def feature_map_sizes(cfg) -> list[int]:
         )
     sizes.append(sizes[-1] - 2)
     return sizes
+
+
+def resolve_size_pattern(cfg) -> tuple[float, ...]:
+    """size_pattern (num_scales + 1 fractions of the input size) for `cfg`."""
+    m = cfg.model
+    if cfg.anchors.size_pattern is not None:
+        sp = tuple(float(v) for v in cfg.anchors.size_pattern)
+    elif m.input_size in SIZE_PATTERNS and m.num_scales == 6:
+        sp = SIZE_PATTERNS[m.input_size]
+    else:
+        # The 320/512 spacing generalised: 0.08 first, then an even ladder from 0.15 to
+        # 0.87 over the remaining scales, plus one step past the end for max_sizes.
+        n = m.num_scales - 1
+        lo, hi = 0.15, 0.87
+        step = (hi - lo) / max(n - 1, 1)
+        ladder = [lo + i * step for i in range(n)]
+        sp = (0.08, *ladder, ladder[-1] + step)
+    if len(sp) != m.num_scales + 1:
+        raise ValueError(
+            f"anchors.size_pattern has {len(sp)} entries; model.num_scales={m.num_scales} "
+            f"needs {m.num_scales + 1}"
+        )
+    return sp
 
 
 def resolve_steps(cfg) -> tuple[float, ...]:

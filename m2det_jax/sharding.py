@@ -7,10 +7,12 @@ the global batch. Per-host numpy batches become global arrays in `global_batch`.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -67,3 +69,16 @@ def initialize_distributed(coordinator_address: str | None = None,
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ \
             or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:  # fmt: skip
         jax.distributed.initialize(initialization_timeout=timeout_s)
+
+
+def allgather_json(value) -> list:
+    """Every process's JSON-serialisable `value`, in process order (a collective: every
+    process must call it). Bytes are gathered at the longest process's length."""
+    if jax.process_count() == 1:
+        return [value]
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(bytes(g[:n]).decode()) for g, n in zip(gathered, sizes, strict=True)]

@@ -1,4 +1,5 @@
-"""Model size and cost: parameter counts and convolution MACs (as ORIGINAL.md §8 counts them)."""
+"""Model size and cost: parameter counts and convolution MACs (counted as the paper and the
+official code count them: multiply-accumulates of the convolutions, docs/original.md §8)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
+
+from m2det_jax.models import abstract_variables, build_model
+from m2det_jax.priors import prior_boxes
 
 
 def count_params(params) -> int:
@@ -45,9 +49,6 @@ def count_macs(model, variables, input_size: int, batch: int = 1) -> int:
 
 def model_summary(cfg) -> dict:
     """Params, GMACs per image and priors of `cfg` (shapes only, nothing is computed)."""
-    from m2det_jax.models import abstract_variables, build_model
-    from m2det_jax.priors import prior_boxes
-
     model = build_model(cfg)
     variables = abstract_variables(cfg, model)
     return {

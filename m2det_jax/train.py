@@ -1,9 +1,10 @@
 """Training: `train_and_evaluate(cfg, workdir)`, read top to bottom.
 
-Order: mesh -> data -> abstract state (jax.eval_shape) -> shardings -> restore the latest
-checkpoint in `workdir`, else init (optionally from `train.init_checkpoint`) -> jitted
-train step (donated state) -> loop with logging, async checkpoints, periodic evaluation,
-SIGTERM handling and a NaN guard.
+Order: run directory -> mesh and data -> model, optimizer and the abstract state
+(jax.eval_shape) -> shardings -> restore the latest checkpoint in `workdir`, else init
+(optionally from `train.init_checkpoint`) -> jitted train step (donated state) -> loop with
+logging, async checkpoints, periodic evaluation, SIGTERM handling and a NaN guard -> final
+save and evaluation.
 
 A resumed run continues with the same batches and losses as an uninterrupted one: the
 checkpoint holds the train state and the input iterator's position.
@@ -25,16 +26,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+from flax import struct
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
+from m2det_jax import data
 from m2det_jax import sharding as shd
-from m2det_jax.checkpoints import check_signature, model_signature
+from m2det_jax.checkpoints import TrainCheckpoints, load_variables, model_signature
+from m2det_jax.convert import merge_variables
+from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.losses import multibox_loss
 from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.priors import prior_boxes
-
-State = dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,35 +49,44 @@ class NonFiniteLossError(FloatingPointError):
 # Pieces (pure, testable on their own)
 
 
-def init_state(model, tx, cfg, rng, init_variables=None) -> State:
-    """Fresh train state; `init_variables` (e.g. a converted checkpoint) replace the init."""
-    s = cfg.model.input_size
-    variables = model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32), train=False)
-    if init_variables is not None:
-        from m2det_jax.convert import merge_variables
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; saved whole in every checkpoint."""
 
-        variables = merge_variables(variables, init_variables)
-    params = variables["params"]
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "batch_stats": variables.get("batch_stats", {}),
-        "opt_state": tx.init(params),
-    }
+    step: jax.Array  # int32 scalar: steps done
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, model, tx, cfg, rng, init_variables=None) -> TrainState:
+        """Fresh state; `init_variables` (e.g. a converted checkpoint) replace the init."""
+        s = cfg.model.input_size
+        variables = model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32), train=False)
+        if init_variables is not None:
+            variables = merge_variables(variables, init_variables)
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}),
+                   opt_state=tx.init(params))  # fmt: skip
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def make_train_step(model, tx, cfg, priors: np.ndarray, steps_per_epoch: int):
+def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
     """(state, batch) -> (state, metrics). BatchNorm statistics and the loss normaliser
-    come from the global batch under `jit` (the batch axis is sharded, not split)."""
+    come from the global batch under `jit` (the batch axis is sharded, not split).
+    `schedule` is the optimizer's learning-rate schedule (logged as `lr`)."""
     priors = jnp.asarray(priors)
-    schedule = learning_rate_schedule(cfg, steps_per_epoch)
 
-    def step_fn(state: State, batch: dict[str, jax.Array]):
+    def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         valid = batch["valid"] & batch["mask"][:, None]
 
         def loss_fn(params):
             out, updates = model.apply(
-                {"params": params, "batch_stats": state["batch_stats"]},
+                {"params": params, "batch_stats": state.batch_stats},
                 batch["image"], train=True, mutable=["batch_stats"],
             )  # fmt: skip
             loc_l, conf_l = multibox_loss(
@@ -82,17 +95,16 @@ def make_train_step(model, tx, cfg, priors: np.ndarray, steps_per_epoch: int):
             return loc_l + conf_l, (loc_l, conf_l, updates["batch_stats"])
 
         (loss, (loc_l, conf_l, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"]
+            state.params
         )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(jnp.add, state["params"], updates)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
         metrics = {
-            "loss": loss, "loc_loss": loc_l, "conf_loss": conf_l,
-            "lr": schedule(state["step"]),
+            "loss": loss, "loc_loss": loc_l, "conf_loss": conf_l, "lr": schedule(state.step),
             "grad_norm": jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))),
         }  # fmt: skip
-        new_state = {"step": state["step"] + 1, "params": params, "batch_stats": new_bs,
-                     "opt_state": opt_state}  # fmt: skip
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                                  opt_state=opt_state)  # fmt: skip
         return new_state, metrics
 
     return step_fn
@@ -101,6 +113,20 @@ def make_train_step(model, tx, cfg, priors: np.ndarray, steps_per_epoch: int):
 def total_steps(cfg, steps_per_epoch: int) -> int:
     t = cfg.train
     return t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
+
+
+def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
+    """The grain pipeline of `m2det_jax.data` as (iterator factory, dataset size)."""
+    builder = data.open_builder(cfg)
+    n = builder.info.splits[cfg.data.train_split].num_examples
+
+    def make(cfg, local_bs, process_index, process_count):
+        del local_bs  # the pipeline splits the global batch itself
+        return data.make_train_iterator(
+            cfg, builder=builder, global_batch_size=cfg.train.batch_size,
+            shard_index=process_index, shard_count=process_count)  # fmt: skip
+
+    return make, n
 
 
 class _Preemption:
@@ -129,15 +155,9 @@ class MetricsLog:
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
-        self._tb = None
         if enabled:
             self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # pragma: no cover
-                self._tb = None
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, row: dict[str, float], prefix: str = "train"):
         if not self.enabled:
@@ -145,17 +165,15 @@ class MetricsLog:
         row = {"step": int(step), **{k: float(v) for k, v in row.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
-            self._tb.flush()
+        for k, v in row.items():
+            if k != "step" and math.isfinite(v):
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        self._tb.flush()
 
     def close(self):
         if self.enabled:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+            self._tb.close()
 
 
 def _write_run_info(workdir: str, cfg) -> None:
@@ -163,6 +181,19 @@ def _write_run_info(workdir: str, cfg) -> None:
         f.write(cfg.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "command.txt"), "a") as f:
         f.write(" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\n")
+
+
+def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -> dict:
+    metrics = evaluate_fn(cfg, state.variables, step)
+    if metrics and jax.process_index() == 0:
+        log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                  prefix="eval")  # fmt: skip
+        main = {k: round(metrics[k], 4) for k in ("AP", "AP50", "AP75") if k in metrics}
+        print(f"eval at step {step}: {main}", flush=True)
+    return metrics
+
+
+LOGGED = ("loss", "loc_loss", "conf_loss", "lr", "images_per_sec", "grad_norm")
 
 
 # --------------------------------------------------------------------------------------
@@ -185,204 +216,138 @@ def train_and_evaluate(
       workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.
       train_iterator_fn: `(cfg, local_batch_size, process_index, process_count) -> iterator`
         of per-process numpy batches with `get_state()`/`set_state()`; default: the TFDS
-        pipeline of `m2det_jax.data`.
+        pipeline of `m2det_jax.data` (`tfds_train_data`).
       num_train_examples: dataset size (for epochs); default: from the data module.
       evaluate_fn: `(cfg, variables, step) -> {metric: value}`; default: COCO evaluation
-        of `m2det_jax.evaluate` on the eval split.
+        of `m2det_jax.evaluate` on the eval split, written to the workdir.
       progress: show a progress bar on process 0.
 
     Returns:
       {"step", "final_metrics", "eval_metrics", "preempted", "state"}.
     """
     with _Preemption() as preemption:  # from the start: SIGTERM during compile counts too
-        return _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn,
-                      progress, preemption)  # fmt: skip
-
-
-def _train(cfg, workdir, train_iterator_fn, num_train_examples, evaluate_fn, progress,
-           preemption) -> dict[str, Any]:  # fmt: skip
-    workdir = os.path.abspath(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        _write_run_info(workdir, cfg)
-
-    # Mesh and data.
-    mesh = shd.make_mesh()
-    local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
-    if train_iterator_fn is None:
-        train_iterator_fn, num_train_examples = _tfds_train_data(cfg)
-    steps_per_epoch = cfg.train.steps_per_epoch or max(
-        num_train_examples // cfg.train.batch_size, 1)
-    n_steps = total_steps(cfg, steps_per_epoch)
-    data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
-
-    # Model, optimizer, abstract state and shardings.
-    model = build_model(cfg)
-    tx = make_optimizer(cfg, steps_per_epoch)
-    priors = prior_boxes(cfg)
-    rng = jax.random.key(cfg.train.seed)
-    abstract = jax.eval_shape(functools.partial(init_state, model, tx, cfg), rng)
-    state_sharding = jax.tree.map(lambda _: shd.replicated(mesh), abstract)
-
-    # Restore or init.
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    mngr = ocp.CheckpointManager(
-        ckpt_dir,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.train.keep_checkpoints, create=True, enable_async_checkpointing=True
-        ),
-    )
-    latest = mngr.latest_step()
-    if latest is not None:
-        meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        check_signature(meta["model"], cfg, ckpt_dir)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-            state_sharding)  # fmt: skip
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))  # fmt: skip
-        state = restored["state"]
-        data_state = restored["data"].get(str(jax.process_index()))
-        if data_state is not None and hasattr(data_iter, "set_state"):
-            data_iter.set_state(data_state)
+        # Run directory.
+        workdir = os.path.abspath(workdir)
+        is_main = jax.process_index() == 0
         if is_main:
-            print(f"resumed from {ckpt_dir} at step {latest}", flush=True)
-    else:
-        init_vars = None
-        if cfg.train.init_checkpoint:
-            init_vars = _load_init_checkpoint(cfg)
-        state = jax.jit(
-            functools.partial(init_state, model, tx, cfg, init_variables=init_vars),
-            out_shardings=state_sharding,
-        )(rng)
+            os.makedirs(workdir, exist_ok=True)
+            _write_run_info(workdir, cfg)
+        evaluate_fn = evaluate_fn or functools.partial(evaluate_variables, workdir=workdir)
 
-    step_fn = jax.jit(
-        make_train_step(model, tx, cfg, priors, steps_per_epoch),
-        in_shardings=(state_sharding, shd.batch_sharding(mesh)),
-        out_shardings=(state_sharding, shd.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+        # Mesh and data.
+        mesh = shd.make_mesh()
+        local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
+        if train_iterator_fn is None:
+            train_iterator_fn, num_train_examples = tfds_train_data(cfg)
+        steps_per_epoch = cfg.train.steps_per_epoch or max(
+            num_train_examples // cfg.train.batch_size, 1)
+        n_steps = total_steps(cfg, steps_per_epoch)
+        data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
 
-    def save(step: int):
-        data_state = getattr(data_iter, "get_state", lambda: None)()
-        if isinstance(data_state, bytes):
-            data_state = data_state.decode()
-        from jax.experimental import multihost_utils
+        # Model, optimizer, abstract state and shardings.
+        model = build_model(cfg)
+        schedule = learning_rate_schedule(cfg, steps_per_epoch)
+        tx = make_optimizer(cfg, schedule)
+        rng = jax.random.key(cfg.train.seed)
+        create = functools.partial(TrainState.create, model, tx, cfg)
+        abstract = jax.eval_shape(create, rng)
+        state_sharding = jax.tree.map(lambda _: shd.replicated(mesh), abstract)
 
-        # Every process's iterator position, so each resumes its own shard.
-        all_states = {str(jax.process_index()): data_state}
-        if jax.process_count() > 1:
-            enc = np.frombuffer(json.dumps(data_state).encode().ljust(1 << 16), np.uint8)
-            gathered = multihost_utils.process_allgather(enc)
-            all_states = {str(i): json.loads(bytes(g).rstrip(b" ").decode())
-                          for i, g in enumerate(np.asarray(gathered))}  # fmt: skip
+        # Restore or init.
+        ckpts = TrainCheckpoints(os.path.join(workdir, "checkpoints"),
+                                 cfg.train.keep_checkpoints)  # fmt: skip
+        latest = ckpts.latest_step()
+        if latest is not None:
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                state_sharding)  # fmt: skip
+            state, data_states = ckpts.restore(latest, target, cfg)
+            data_state = data_states.get(str(jax.process_index()))
+            if data_state is not None and hasattr(data_iter, "set_state"):
+                data_iter.set_state(data_state)
+            if is_main:
+                print(f"resumed from {ckpts.directory} at step {latest}", flush=True)
+        else:
+            init_vars = None
+            if cfg.train.init_checkpoint:  # `m2det convert` output, full model or backbone
+                init_vars = load_variables(cfg.train.init_checkpoint, cfg)
+                init_vars = jax.tree.map(np.asarray, init_vars)
+            state = jax.jit(functools.partial(create, init_variables=init_vars),
+                            out_shardings=state_sharding)(rng)  # fmt: skip
+
+        # The jitted step.
+        step_fn = jax.jit(
+            make_train_step(model, tx, schedule, cfg, prior_boxes(cfg)),
+            in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+            out_shardings=(state_sharding, shd.replicated(mesh)),
+            donate_argnums=(0,),
+        )
         meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch}
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(all_states),
-            meta=ocp.args.JsonSave(meta)), force=True)  # fmt: skip
 
-    log = MetricsLog(workdir, is_main)
-    start = int(jax.device_get(state["step"]))
-    bar = _progress_bar(n_steps, start) if (progress and is_main) else None
-    last_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    preempted = False
-    t_log, n_img = time.perf_counter(), 0
-    step = start
-    while step < n_steps:
-        if preemption.requested:
-            preempted = True
-            break
-        batch = shd.global_batch(next(data_iter), mesh)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        n_img += cfg.train.batch_size
-        is_log = step % cfg.train.log_every == 0 or step == n_steps
-        is_ckpt = step % cfg.train.checkpoint_every == 0
-        if is_log or is_ckpt:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(m["loss"]):
-                mngr.wait_until_finished()
-                good = mngr.latest_step()
-                log.close()
-                raise NonFiniteLossError(
-                    f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
-                    f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
-                    f"{'none' if good is None else f'step {good} in {ckpt_dir}'}")  # fmt: skip
-            dt = time.perf_counter() - t_log
-            m["images_per_sec"] = n_img / max(dt, 1e-9)
-            t_log, n_img = time.perf_counter(), 0
-            last_metrics = m
-            if is_log:
-                log.write(step, {k: m[k] for k in ("loss", "loc_loss", "conf_loss", "lr",
-                                                   "images_per_sec", "grad_norm")})  # fmt: skip
+        def save(step: int) -> None:
+            data_state = getattr(data_iter, "get_state", lambda: None)()
+            if isinstance(data_state, bytes):
+                data_state = data_state.decode()
+            ckpts.save(step, state, data_state, meta)
+
+        # The loop.
+        log = MetricsLog(workdir, is_main)
+        step = start = int(jax.device_get(state.step))
+        bar = None
+        if progress and is_main:
+            bar = tqdm(total=n_steps, initial=start, desc="train", unit="step",
+                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)  # fmt: skip
+        last_metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        preempted = False
+        t_log, n_img = time.perf_counter(), 0
+        while step < n_steps:
+            if preemption.requested:
+                preempted = True
+                break
+            batch = shd.global_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            n_img += cfg.train.batch_size
+            is_log = step % cfg.train.log_every == 0 or step == n_steps
+            is_ckpt = step % cfg.train.checkpoint_every == 0
+            if is_log or is_ckpt:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(m["loss"]):
+                    ckpts.wait()
+                    good = ckpts.latest_step()
+                    log.close()
+                    raise NonFiniteLossError(
+                        f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
+                        f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
+                        f"{'none' if good is None else f'step {good} in {ckpts.directory}'}"
+                    )
+                m["images_per_sec"] = n_img / max(time.perf_counter() - t_log, 1e-9)
+                t_log, n_img = time.perf_counter(), 0
+                last_metrics = m
+                if is_log:
+                    log.write(step, {k: m[k] for k in LOGGED})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
+                                    img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
             if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
-                                img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
+                bar.update(1)
+            if is_ckpt:
+                save(step)
+            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
+                eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
         if bar is not None:
-            bar.update(1)
-        if is_ckpt:
+            bar.close()
+
+        # Final save and evaluation.
+        if ckpts.latest_step() != step:
             save(step)
-        if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
-            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log, workdir)
-    if bar is not None:
-        bar.close()
-    if mngr.latest_step() != step:
-        save(step)
-    mngr.wait_until_finished()
-    mngr.close()
-    if not preempted and (cfg.train.eval_every >= 0):
-        eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log, workdir)
-    log.close()
-    if preempted and is_main:
-        print(f"SIGTERM: saved step {step} to {ckpt_dir}; rerun the same command to resume",
-              flush=True)  # fmt: skip
-    return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
-            "preempted": preempted, "state": state}  # fmt: skip
-
-
-def _tfds_train_data(cfg):
-    """The TFDS/grain pipeline of `m2det_jax.data` as (iterator factory, dataset size)."""
-    from m2det_jax.data import pipeline, sources
-
-    builder = sources.open_builder(cfg)
-    n = builder.info.splits[cfg.data.train_split].num_examples
-
-    def make(cfg, local_bs, process_index, process_count):
-        return pipeline.make_train_iterator(
-            cfg, builder=builder, global_batch_size=cfg.train.batch_size,
-            shard_index=process_index, shard_count=process_count)  # fmt: skip
-
-    return make, n
-
-
-def _evaluate(evaluate_fn, cfg, state, step, log, workdir) -> dict:
-    if evaluate_fn is None:
-        from m2det_jax.evaluate import evaluate_variables
-
-        evaluate_fn = functools.partial(evaluate_variables, workdir=workdir)
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    metrics = evaluate_fn(cfg, variables, step)
-    if metrics and jax.process_index() == 0:
-        log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                  prefix="eval")  # fmt: skip
-        main = {k: round(metrics[k], 4) for k in ("AP", "AP50", "AP75") if k in metrics}
-        print(f"eval at step {step}: {main}", flush=True)
-    return metrics
-
-
-def _load_init_checkpoint(cfg):
-    """Variables of `train.init_checkpoint` (`m2det convert` output, full or backbone)."""
-    from m2det_jax.checkpoints import load_variables
-
-    return jax.tree.map(np.asarray, load_variables(cfg.train.init_checkpoint, cfg))
-
-
-def _progress_bar(total: int, initial: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr, mininterval=1.0)  # fmt: skip
+        ckpts.close()
+        if not preempted and cfg.train.eval_every >= 0:
+            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+        log.close()
+        if preempted and is_main:
+            print(f"SIGTERM: saved step {step} to {ckpts.directory}; rerun the same command "
+                  "to resume", flush=True)  # fmt: skip
+        return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
+                "preempted": preempted, "state": state}  # fmt: skip

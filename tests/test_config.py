@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, config_path
 
 from m2det_jax import load_config
 from m2det_jax.config import apply_overrides, default_config
+from tests.helpers import CONFIGS, config_path
 
 SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
 

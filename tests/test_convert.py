@@ -7,7 +7,6 @@ import pickle
 import jax
 import numpy as np
 import pytest
-from conftest import config_path
 
 from m2det_jax import build_model, convert_torch_state_dict, load_config
 from m2det_jax.checkpoints import ConfigMismatchError, load_variables
@@ -19,6 +18,7 @@ from m2det_jax.convert import (
     to_torch_state_dict,
 )
 from m2det_jax.reference import seeded_weights
+from tests.helpers import config_path
 
 
 def _state_dict_keys(cfg):

@@ -6,17 +6,19 @@ import os
 
 import numpy as np
 import pytest
-from conftest import (
+
+from m2det_jax import data
+from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, to_coco_results
+from m2det_jax.data.shapes import build_shapes
+from tests.helpers import (
+    OVERRIDES,
     assert_same_detections,
     config_path,
     run_worker,
     run_worker_processes,
+    tiny_variables,
     worker_env,
 )
-
-from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, to_coco_results
-from m2det_jax.data import sources
-from m2det_jax.data.shapes import build_shapes
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def shapes(tmp_path_factory):
 
 
 def _gt_as_detections(builder, split):
-    src = sources.data_source(builder, split)
+    src = data.data_source(builder, split)
     n = len(src)
     k = 8
     boxes = np.zeros((n, k, 4), np.float32)
@@ -34,7 +36,7 @@ def _gt_as_detections(builder, split):
     valid = np.zeros((n, k), bool)
     ids = np.zeros(n, np.int64)
     for i in range(n):
-        ex, _ = sources.decode_record(src[i])
+        ex, _ = data.decode_record(src[i])
         h, w = ex["image"].shape[:2]
         m = len(ex["boxes"])
         boxes[i, :m] = ex["boxes"] * np.array([w, h, w, h], np.float32)
@@ -48,26 +50,26 @@ def test_ground_truth_as_detections_scores_ap_1(shapes):
     _, builder = shapes
     boxes, classes, valid, ids = _gt_as_detections(builder, "validation")
     scores = np.linspace(1, 0.5, boxes.shape[1])[None].repeat(len(ids), 0)
-    res = to_coco_results(boxes, scores, classes, valid, ids, sources.category_ids(builder))
+    res = to_coco_results(boxes, scores, classes, valid, ids, data.category_ids(builder))
     assert len(res) == valid.sum()
-    m = coco_evaluate(sources.annotation_file(builder, "validation"), res)
+    m = coco_evaluate(data.annotation_file(builder, "validation"), res)
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert m[name] == pytest.approx(1.0), name
     assert m["AP/circle"] in (pytest.approx(1.0), 0.0)  # 0 only if no circle in 8 images
     # A wrong category mapping is caught: shift every class by one.
     wrong = to_coco_results(boxes, scores, classes, valid, ids, [2, 3, 4, 1])
-    assert coco_evaluate(sources.annotation_file(builder, "validation"), wrong)["AP"] < 0.5
+    assert coco_evaluate(data.annotation_file(builder, "validation"), wrong)["AP"] < 0.5
 
 
 def test_no_detections_gives_zeros_and_missing_images_count(shapes):
     _, builder = shapes
-    ann = sources.annotation_file(builder, "validation")
+    ann = data.annotation_file(builder, "validation")
     m = coco_evaluate(ann, [])
     assert set(METRIC_NAMES) <= set(m) and m["AP"] == 0.0
     boxes, classes, valid, ids = _gt_as_detections(builder, "validation")
     valid[0] = False  # image 0 gets no detections: its boxes are misses
     scores = np.ones(valid.shape, np.float32)
-    res = to_coco_results(boxes, scores, classes, valid, ids, sources.category_ids(builder))
+    res = to_coco_results(boxes, scores, classes, valid, ids, data.category_ids(builder))
     assert coco_evaluate(ann, res, image_ids=ids)["AR100"] < 1.0
 
 
@@ -122,8 +124,6 @@ def test_tta_eval_scores_every_image_once(shapes, tmp_path):
     """cfg.tta in evaluation: one size without flip gives the plain detections (through
     the merge's decode round trip); two sizes + flip merge four passes per image and still
     score every image of the split once, written to eval_metrics.json."""
-    from test_inference import OVERRIDES, tiny_variables
-
     from m2det_jax import load_config
     from m2det_jax.evaluate import evaluate_variables, predict_split
 

@@ -8,14 +8,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same_detections, config_path
-from test_inference import OVERRIDES, tiny_variables
 
 from m2det_jax import load_config
 from m2det_jax.checkpoints import load_variables, save_variables
 from m2det_jax.data.augment import normalize
-from m2det_jax.evaluate import make_inference_fn
 from m2det_jax.export import export, load_saved_model, load_serving, savedmodel_available
+from m2det_jax.predict import make_predict_fn
+from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_export_cli_round_trip(setup, tmp_path):
 def _reference(cfg, v, images, hw):
     p = cfg.preprocess
     x = normalize(images, p.channel_order, p.pixel_means, p.pixel_scale)
-    return jax.device_get(make_inference_fn(cfg)(v, x, hw))
+    return jax.device_get(make_predict_fn(cfg)(v, x, hw))
 
 
 def _assert_same_detections(served, ref):

@@ -4,42 +4,15 @@ on configs/tiny.py with random weights (loc head scaled down so boxes stay finit
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same_detections, config_path
 from PIL import Image
 
-from m2det_jax import build_model, load_config
+from m2det_jax import load_config
 from m2det_jax.checkpoints import save_variables
-from m2det_jax.inference import detect_tta, make_detector, tta_passes
-
-# Small NMS work: the tests are about plumbing, not NMS (tested in test_postprocess.py).
-OVERRIDES = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50"]
-
-
-def tiny_variables(cfg, seed=0):
-    """Random weights without compiling `model.init` (slow on a busy 2-core CPU): kernels
-    N(0, 1/fan_in), BN identity; loc kernels x1e-3 (large random regressions overflow exp in
-    decode), conf kernels x5 (peaky scores, so some rows pass the thresholds)."""
-    model = build_model(cfg)
-    s = cfg.model.input_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, a):
-        names = [str(getattr(k, "key", "")) for k in path]
-        if len(a.shape) >= 2:
-            x = rng.normal(0, 1 / np.sqrt(np.prod(a.shape[:-1])), a.shape)
-            x *= 1e-3 if names[1].startswith("loc") else 5 if names[1].startswith("conf") else 1
-        elif names[-1] in ("bias", "mean"):
-            x = np.zeros(a.shape)
-        else:
-            x = np.ones(a.shape)
-        return jnp.asarray(x, a.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+from m2det_jax.predict import make_detector, tta_passes
+from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +95,10 @@ def test_tta_single_size_equals_plain_detect_and_shapes_fixed(setup):
     rng = np.random.default_rng(2)
     ims = [rng.integers(0, 255, (50, 70, 3), np.uint8), rng.integers(0, 255, (64, 64, 3), np.uint8)]
     plain = make_detector(cfg, v, batch_size=2)(ims)
-    tta = jax.device_get(detect_tta(v, ims, cfg, sizes=(64,), flip=False))
+    tta = make_detector(cfg, v, batch_size=2, tta_sizes=(64,))(ims)
     assert_same_detections(tta, plain, 1e-3, 1e-5)
     # Several sizes + flip: 4 passes merged, same fixed output layout.
-    multi = jax.device_get(detect_tta(v, ims, cfg, sizes=(64, 96), flip=True))
+    multi = make_detector(cfg, v, batch_size=2, tta_sizes=(64, 96), tta_flip=True)(ims)
     for k in plain:
         assert multi[k].shape == plain[k].shape, k
     assert np.isfinite(multi["boxes"]).all() and multi["valid"].sum() > 0

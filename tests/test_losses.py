@@ -1,6 +1,6 @@
 """Tests of m2det_jax.losses against a numpy re-statement of the original MultiBoxLoss.
 
-The reference below follows ORIGINAL.md §4 as a per-image Python loop: float32 IoU
+The reference below follows docs/original.md §4 as a per-image Python loop: float32 IoU
 (clamped min/max, area_a + area_b - inter, one divide), first-index argmax, the
 force-match loop in GT order, encode, smooth L1, hard-negative mining by a stable
 descending argsort and its inverse, cross-entropy, division by max(#positives, 1).

@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import config_path
 
 from m2det_jax import build_model, convert_torch_state_dict, load_config
 from m2det_jax.models.layers import legacy_nearest_indices, upsample_nearest
 from m2det_jax.reference import seeded_weights
 from m2det_jax.stats import model_summary
+from tests.helpers import config_path
 
 
 def _slice(x):
@@ -45,7 +45,7 @@ def test_intermediates_match_original(parity_run, fixture320):
         "ffmv1_reduce": inter["ffmv1"]["reduce_out"][0],
         "ffmv1_up_reduce": inter["ffmv1"]["up_reduce_out"][0],
         "base_feature": inter["base_feature"][0],
-        "leach_out": inter["leach_out"][0],
+        "leach_out": inter["ffmv2_out"][0],  # the original calls FFMv2 "leach"
         "source0_before_norm": inter["source0_before_norm"][0],
     }
     for lvl in range(8):
@@ -80,7 +80,7 @@ def test_parameter_counts_equal_original(name, overrides, params):
 
 
 def test_macs_equal_original_minus_shared_leach():
-    # The original applies the shared leach 8 times; we compute it once (ORIGINAL.md §8).
+    # The original applies the shared leach 8 times; we compute it once (docs/original.md §8).
     cfg = load_config(config_path("m2det320_vgg"))
     leach_once = 40 * 40 * 768 * 128
     assert round(model_summary(cfg)["gmacs"] + 7 * leach_once / 1e9, 3) == 74.304

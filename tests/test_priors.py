@@ -6,15 +6,14 @@ import math
 
 import numpy as np
 import pytest
-from conftest import config_path
 
 from m2det_jax import load_config, prior_boxes
-from m2det_jax.config import SIZE_PATTERNS, STEPS
-from m2det_jax.priors import feature_map_sizes
+from m2det_jax.priors import SIZE_PATTERNS, STEPS, feature_map_sizes
+from tests.helpers import config_path
 
 
 def _original_priors(size):
-    """The original's PriorBox as ORIGINAL.md §2 describes it, in Python doubles."""
+    """The original's PriorBox as docs/original.md §2 describes it, in Python doubles."""
     maps, n = [], size
     for _ in range(7):
         n = math.ceil(n / 2)

@@ -5,15 +5,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import TESTS, WORKER, config_path, run_worker, run_worker_processes, worker_env
 
 from m2det_jax import load_config
 from m2det_jax.optim import learning_rate_schedule
+from tests.helpers import (
+    ROOT,
+    config_path,
+    make_synthetic,
+    run_worker,
+    run_worker_processes,
+    worker_command,
+    worker_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +98,8 @@ def test_kill_and_resume_reproduces_losses(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
     wd = tmp_path / "sig"
-    p = subprocess.Popen([sys.executable, WORKER, "train", str(wd), "1000", "--slow"],
-                         env=worker_env(cache_dir), cwd=TESTS, stdout=subprocess.PIPE,
+    p = subprocess.Popen(worker_command("train", wd, 1000, "--slow"),
+                         env=worker_env(cache_dir), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 400
     while time.time() < deadline and not _has_rows(wd):
@@ -118,8 +125,8 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
     wd = tmp_path / "nan"
-    p = subprocess.run([sys.executable, WORKER, "train", str(wd), "6", "--nan-at", "3"],
-                       env=worker_env(cache_dir), cwd=TESTS, capture_output=True, text=True,
+    p = subprocess.run(worker_command("train", wd, 6, "--nan-at", 3),
+                       env=worker_env(cache_dir), cwd=ROOT, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert p.returncode != 0
     assert "NonFiniteLossError" in p.stderr and "step 3" in p.stderr
@@ -135,7 +142,6 @@ def _has_rows(wd):
 
 @pytest.mark.slow
 def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
-    from synthetic import make_synthetic
 
     from m2det_jax.checkpoints import ConfigMismatchError
     from m2det_jax.train import train_and_evaluate

@@ -1,17 +1,20 @@
 """Subprocess entry for multi-device / multi-process / signal tests (see test_train.py).
 
-  python train_worker.py mesh OUT.json                  # 8 fake devices: sharded == single
-  python train_worker.py train WORKDIR STEPS [ADDR NPROC PID] [--nan-at K] [--slow]
-  python train_worker.py eval DATA_DIR OUT.json [ADDR NPROC PID]   # plain + TTA eval
+Run from the repository root (`tests.helpers.worker_command`):
+  python -m tests.train_worker mesh OUT.json           # 8 fake devices: sharded == single
+  python -m tests.train_worker train WORKDIR STEPS [ADDR NPROC PID] [--nan-at K] [--slow]
+  python -m tests.train_worker eval DATA_DIR OUT.json [ADDR NPROC PID]   # plain + TTA eval
+
+JAX settings (fake device count, jax.distributed) come first, so the modules that use JAX
+are imported inside the entry points, after them.
 """
 
 import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-CONFIG = os.path.join(os.path.dirname(HERE), "configs", "tiny.py")
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "tiny.py")
 
 
 def _enable_cache():
@@ -29,25 +32,26 @@ def mesh_check(out_path):
     jax.config.update("jax_num_cpu_devices", 8)
     _enable_cache()
     import numpy as np
-    from synthetic import SyntheticIterator
 
     import m2det_jax
     from m2det_jax import sharding as shd
     from m2det_jax.models import build_model
-    from m2det_jax.optim import make_optimizer
+    from m2det_jax.optim import learning_rate_schedule, make_optimizer
     from m2det_jax.priors import prior_boxes
-    from m2det_jax.train import init_state, make_train_step
+    from m2det_jax.train import TrainState, make_train_step
+    from tests.helpers import SyntheticIterator
 
     assert len(jax.devices()) == 8
     cfg = m2det_jax.load_config(CONFIG)
-    model, tx = build_model(cfg), make_optimizer(cfg, 10)
+    schedule = learning_rate_schedule(cfg, 10)
+    model, tx = build_model(cfg), make_optimizer(cfg, schedule)
     batch = SyntheticIterator(cfg, 8).global_batch(0)
     results = {}
     for name, devices in (("single", jax.devices()[:1]), ("mesh8", jax.devices())):
         mesh = shd.make_mesh(devices)
-        state = jax.jit(lambda r: init_state(model, tx, cfg, r),
+        state = jax.jit(lambda r: TrainState.create(model, tx, cfg, r),
                         out_shardings=shd.replicated(mesh))(jax.random.key(0))  # fmt: skip
-        step = jax.jit(make_train_step(model, tx, cfg, prior_boxes(cfg), 10),
+        step = jax.jit(make_train_step(model, tx, schedule, cfg, prior_boxes(cfg)),
                        in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
                        out_shardings=(shd.replicated(mesh), shd.replicated(mesh)))  # fmt: skip
         gb = shd.global_batch(batch, mesh)
@@ -59,13 +63,13 @@ def mesh_check(out_path):
     diff = {
         "loss": abs(float(a[1]["loss"]) - float(b[1]["loss"])),
         "params": max(float(np.abs(x - y).max()) for x, y in zip(
-            jax.tree.leaves(a[0]["params"]), jax.tree.leaves(b[0]["params"]), strict=False)),
+            jax.tree.leaves(a[0].params), jax.tree.leaves(b[0].params), strict=False)),
         "batch_stats": max(float(np.abs(x - y).max()) for x, y in zip(
-            jax.tree.leaves(a[0]["batch_stats"]), jax.tree.leaves(b[0]["batch_stats"]), strict=False)),
+            jax.tree.leaves(a[0].batch_stats), jax.tree.leaves(b[0].batch_stats), strict=False)),
         "bn_moved": max(float(np.abs(x - y).max()) for x, y in zip(
-            jax.tree.leaves(a[0]["batch_stats"]),
-            jax.tree.leaves(jax.device_get(init_state(model, tx, cfg, jax.random.key(0))
-                                           ["batch_stats"])), strict=False)),
+            jax.tree.leaves(a[0].batch_stats),
+            jax.tree.leaves(jax.device_get(TrainState.create(model, tx, cfg, jax.random.key(0))
+                                           .batch_stats)), strict=False)),
         "loss_value": float(a[1]["loss"]),
     }  # fmt: skip
     with open(out_path, "w") as f:
@@ -80,10 +84,9 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
     _enable_cache()
     import time
 
-    from synthetic import SyntheticIterator
-
     import m2det_jax
     from m2det_jax.train import train_and_evaluate
+    from tests.helpers import SyntheticIterator
 
     class Iter(SyntheticIterator):
         def __next__(self):
@@ -123,9 +126,8 @@ def evaluate(data_dir, out_path, addr=None, nproc=None, pid=None):
     if addr:
         jax.distributed.initialize(addr, int(nproc), int(pid), initialization_timeout=60)
     _enable_cache()
-    from test_inference import tiny_variables
-
     from m2det_jax.evaluate import evaluate_variables, predict_split
+    from tests.helpers import tiny_variables
 
     out = {"process_count": jax.process_count()}
     for name, tta in (("plain", False), ("tta", True)):

@@ -1,23 +1,50 @@
-"""Input data: TFDS builders (shapes, coco_folder), COCO reading, augmentation, batching.
+"""Input data, in data-flow order (each module imports only modules above it):
 
-Entry points: `pipeline.make_train_iterator`, `pipeline.make_eval_iterator`,
-`sources.open_builder`, `sources.annotation_file`, `sources.category_ids`.
+  records      one stored record -> example (numpy + PIL; no TFDS): decode_record, decode_image
+  schema       the coco/2017-like TFDS features, prepare, data_source
+  coco_json    category_ids, annotation_file (instances JSON written from the records)
+  shapes       the synthetic shapes builder (build_shapes)
+  coco_folder  a builder for any COCO-format folder (build_coco_folder)
+  builders     cfg.data.dataset -> prepared builder (open_builder)
+  augment      train augmentation, eval resize, normalize (numpy + PIL)
+  examples     per-example grain transforms (decode, augment, pad)
+  iterator     batching, state, DataStats (DetectionIterator)
+  pipeline     make_train_iterator, make_eval_iterator
+
+The package exports `__all__` (`from m2det_jax import data; data.open_builder(cfg)`),
+each loaded from its module on first use, so importing `m2det_jax.data.records` (e.g.
+to decode an image for inference) does not import TFDS or grain.
 """
 
-from m2det_jax.data.pipeline import (
-    DataStats,
-    DetectionIterator,
-    make_eval_iterator,
-    make_train_iterator,
-)
-from m2det_jax.data.sources import annotation_file, category_ids, open_builder
+from __future__ import annotations
 
-__all__ = [
-    "DataStats",
-    "DetectionIterator",
-    "annotation_file",
-    "category_ids",
-    "make_eval_iterator",
-    "make_train_iterator",
-    "open_builder",
-]
+import importlib
+
+# Exported name -> the module that defines it.
+_EXPORTS = {
+    "decode_image": "records",
+    "decode_record": "records",
+    "data_source": "schema",
+    "annotation_file": "coco_json",
+    "category_ids": "coco_json",
+    "open_builder": "builders",
+    "DataStats": "iterator",
+    "DetectionIterator": "iterator",
+    "make_eval_iterator": "pipeline",
+    "make_train_iterator": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy exports (PEP 562): an eager import here would pull TFDS and grain into every
+    # `import m2det_jax.data.<module>`, including the light records / augment modules.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,20 +1,29 @@
-"""Training augmentation and eval preprocessing, in numpy + PIL (ORIGINAL.md §5, §6).
+"""Training augmentation and eval preprocessing, in numpy + PIL.
 
-`train_augment` follows the original `preproc` (data/data_augment.py), in its order:
-  1. SSD crop: modes {none, min IoU 0.1/0.3/0.5/0.7/0.9, unconstrained}, 50 trials each;
-  2. photometric distort: brightness, contrast, HSV hue/saturation (OpenCV uint8 HSV:
-     hue 0..179), each with probability 1/2, writes truncated to uint8;
-  3. expand (zoom-out) with probability `expand_prob`, canvas filled with the means;
+`train_augment` reproduces the original M2Det's training transform (its `preproc`, in
+data/data_augment.py), step by step and in the same order:
+  1. SSD crop: pick one of {keep the image, min IoU 0.1/0.3/0.5/0.7/0.9, unconstrained};
+     try up to 50 random crops (side 0.3-1 of the image, aspect 1/2-2) for that mode and
+     take the first whose IoU with every box reaches the mode and which holds at least
+     one box centre (boxes with their centre inside are kept, clipped to the crop);
+     redraw the mode if none passes;
+  2. photometric distort: brightness (+-32), contrast (x0.5-1.5), HSV hue (+-18 in
+     OpenCV's uint8 hue 0..179) and saturation (x0.5-1.5), each with probability 1/2,
+     every write truncated to uint8;
+  3. expand (zoom-out) with probability `expand_prob`: the image placed at random on a
+     canvas up to 4x its size, filled with the pixel means;
   4. horizontal mirror with probability 1/2;
-  5. resize to size x size with a random interpolation (PIL's bilinear, bicubic, box
-     (= area), nearest, lanczos stand in for cv2's linear/cubic/area/nearest/lanczos4);
+  5. resize to size x size with a randomly chosen interpolation (PIL's bilinear,
+     bicubic, box (= area), nearest, lanczos stand in for cv2's linear, cubic, area,
+     nearest, lanczos4);
   6. drop boxes with normalized min(w, h) <= 0.01; if none is left, fall back to the
      un-augmented image (resized with the same interpolation) and its boxes.
 An image without boxes is only resized. Every random draw comes from the
 `np.random.Generator` passed in, so results are a function of its seed.
 
 Images here are uint8 RGB [H, W, 3]; boxes are normalized [x1, y1, x2, y2]. The channel
-order and mean subtraction of `cfg.preprocess` are applied last, by `normalize`.
+order and mean subtraction of `cfg.preprocess` are applied last, by `normalize` (the one
+`m2det_jax.preprocess.normalize`, re-exported here for the pipeline).
 
 Deviations (documented, small): PIL's resampling antialiases when shrinking (cv2 does
 not); eval uses `resize_bilinear`, a numpy port of cv2 INTER_LINEAR (half-pixel
@@ -26,6 +35,9 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+from m2det_jax import box_ops
+from m2det_jax.preprocess import normalize
 
 # cv2 linear, cubic, area, nearest, lanczos4 -> PIL (the original's random choice).
 INTERPOLATIONS = (
@@ -71,7 +83,7 @@ def random_crop(image, boxes, labels, rng: np.random.Generator, trials: int = 50
         top = rng.integers(np.maximum(h - ch, 1))
         rects = np.stack([left, top, left + cw, top + ch], axis=1).astype(np.float32)
         iou = _iou_rects(boxes, rects)  # [T, N]
-        centers = (boxes[:, :2] + boxes[:, 2:]) / 2  # [N, 2]
+        centers = box_ops.xyxy_to_cxcywh(boxes)[:, :2]  # [N, 2]
         inside = ((rects[:, None, :2] < centers) & (centers < rects[:, None, 2:])).all(-1)
         ok = (cw >= 1) & (ch >= 1) & (iou.min(axis=1) >= mode) & inside.any(axis=1)
         if not ok.any():
@@ -251,25 +263,10 @@ def train_augment(
     interp = INTERPOLATIONS[int(rng.integers(len(INTERPOLATIONS)))]
     out = resize(img, size, interp)
     b = (b / np.array([w, h, w, h], np.float32)).astype(np.float32)
-    wh = b[:, 2:] - b[:, :2]
-    keep = wh.min(axis=1) > MIN_BOX_SIZE
+    keep = box_ops.xyxy_to_xywh(b)[:, 2:].min(axis=1) > MIN_BOX_SIZE
     if not keep.any():
         return resize(image, size, interp), boxes, labels, True
     return out, np.clip(b[keep], 0.0, 1.0), lab[keep], False
-
-
-def normalize(
-    image: np.ndarray, channel_order: str = "bgr", means=(104.0, 117.0, 123.0), scale=1.0
-) -> np.ndarray:
-    """uint8 RGB -> float32 (pixels in `channel_order` - means) / scale (means in that order)."""
-    order = channel_order.lower()
-    if order not in ("bgr", "rgb"):
-        raise ValueError(f"preprocess.channel_order={channel_order!r}: 'bgr' or 'rgb'")
-    x = (image[..., ::-1] if order == "bgr" else image).astype(np.float32)
-    x -= np.asarray(means, np.float32)
-    if scale != 1.0:
-        x /= np.float32(scale)
-    return x
 
 
 def fill_rgb_from(channel_order: str, means) -> tuple[int, int, int]:

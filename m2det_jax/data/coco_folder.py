@@ -7,7 +7,7 @@ Splits: "train" from (image_dir, annotation_file) and, if given, "validation" fr
 (eval_image_dir, eval_annotation_file). Features are coco/2017's (image, image/filename,
 image/id, objects{area, bbox, id, is_crowd, label}); labels are a contiguous index over
 the sorted category ids of the (train) JSON, and `info.metadata["category_ids"]` maps them
-back (`sources.category_ids`). Image ids and file names are kept; the image bytes are
+back (`coco_json.category_ids`). Image ids and file names are kept; the image bytes are
 stored as they are on disk (any format PIL reads).
 
 Validation at build time (errors name the file): every `file_name` must be a relative
@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from m2det_jax.data.sources import coco_features
+from m2det_jax import box_ops
+from m2det_jax.data import schema
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=c.description,
-            features=coco_features(names, "jpeg"),
+            features=schema.coco_features(names, "jpeg"),
             metadata=tfds.core.MetadataDict(
                 category_ids=ids,
                 build_stats={"clipped_boxes": 0, "invalid_boxes": 0, "unknown_category": 0},
@@ -217,11 +218,11 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         if not all(math.isfinite(v) for v in vals) or bw < 0 or bh < 0 or w <= 0 or h <= 0:
             stats["invalid_boxes"] += 1
             return tfds.features.BBox(0.0, 0.0, 0.0, 0.0)
-        box = np.array([y / h, x / w, (y + bh) / h, (x + bw) / w])
+        box = box_ops.xywh_to_xyxy(np.array([x, y, bw, bh])) / np.array([w, h, w, h])
         clipped = np.clip(box, 0.0, 1.0)
         if (clipped != box).any():
             stats["clipped_boxes"] += 1
-        return tfds.features.BBox(*(float(v) for v in clipped))
+        return tfds.features.BBox(*(float(v) for v in box_ops.xyxy_to_yxyx(clipped)))
 
 
 def _safe_int(v) -> int:
@@ -241,8 +242,6 @@ def build_coco_folder(
     eval_annotation_file: str | os.PathLike | None = None,
 ) -> CocoFolder:
     """Builds (if needed) the folder's TFDS dataset into `data_dir`; returns the builder."""
-    from m2det_jax.data.sources import prepare
-
     if not image_dir or not annotation_file:
         raise ValueError("coco_folder needs cfg.data.image_dir and cfg.data.annotation_file")
     builder = CocoFolder(
@@ -250,7 +249,7 @@ def build_coco_folder(
         config=coco_folder_config(image_dir, annotation_file, eval_image_dir, eval_annotation_file),
         file_format="array_record",
     )
-    prepare(builder)
+    schema.prepare(builder)
     stats = builder.info.metadata.get("build_stats", {})
     if any(stats.values()):
         log.warning("coco_folder %s: %s", builder.builder_config.description, stats)

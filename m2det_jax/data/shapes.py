@@ -11,7 +11,7 @@ area, is_crowd, id}), stored as array_record so they are read without TensorFlow
 
     builder = build_shapes("/tmp/tfds")             # 2000 train / 200 validation
     builder = build_shapes(d, num_train=16, num_validation=8)   # tests
-    coco_json = annotation_file(builder, "validation")          # for pycocotools
+    coco_json.annotation_file(builder, "validation")            # for pycocotools
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from m2det_jax.data.sources import coco_features
+from m2det_jax import box_ops
+from m2det_jax.data import coco_json, schema
 
 CLASS_NAMES = ("circle", "square", "triangle", "cross")
 _SPLIT_IDS = {"train": 0, "validation": 1}
@@ -150,7 +151,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Synthetic shapes for object detection (m2det_jax).",
-            features=coco_features(CLASS_NAMES, "png"),
+            features=schema.coco_features(CLASS_NAMES, "png"),
             metadata=tfds.core.MetadataDict(category_ids=list(range(1, len(CLASS_NAMES) + 1))),
         )
 
@@ -166,19 +167,18 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         for i in range(num):
             img, boxes, labels = make_example(c.seed, split, i, c.image_size, c.max_objects)
-            s = float(c.image_size)
+            yxyx = box_ops.xyxy_to_yxyx(boxes / float(c.image_size))  # TFDS BBox order
+            xywh = box_ops.xyxy_to_xywh(boxes)
             image_id = _SPLIT_IDS[split] * 1_000_000 + i + 1
             objects = [
                 {
-                    "area": int((b[2] - b[0]) * (b[3] - b[1])),
-                    "bbox": tfds.features.BBox(
-                        ymin=b[1] / s, xmin=b[0] / s, ymax=b[3] / s, xmax=b[2] / s
-                    ),
+                    "area": int(xywh[k, 2] * xywh[k, 3]),
+                    "bbox": tfds.features.BBox(*(float(v) for v in yxyx[k])),
                     "id": image_id * 100 + k,
                     "is_crowd": False,
                     "label": int(lab),
                 }
-                for k, (b, lab) in enumerate(zip(boxes, labels, strict=True))
+                for k, lab in enumerate(labels)
             ]
             yield (
                 image_id,
@@ -203,15 +203,13 @@ def build_shapes(
     """Generates (if needed) the shapes set into `data_dir`; returns its prepared builder.
 
     Also writes `instances_<split>.json` (COCO format) next to the data; see
-    `m2det_jax.data.sources.annotation_file`.
+    `coco_json.annotation_file`.
     """
-    from m2det_jax.data.sources import annotation_file, prepare
-
     config = shapes_config(image_size, num_train, num_validation, seed, max_objects)
     if config.name in {c.name for c in Shapes.BUILDER_CONFIGS}:
         config = config.name  # TFDS refuses a new object named like a shipped config
     builder = Shapes(data_dir=os.fspath(data_dir), config=config, file_format="array_record")
-    prepare(builder)
+    schema.prepare(builder)
     for split in ("train", "validation"):
-        annotation_file(builder, split)
+        coco_json.annotation_file(builder, split)
     return builder

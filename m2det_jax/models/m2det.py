@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from m2det_jax.config import validate
 from m2det_jax.models.backbones import make_backbone
 from m2det_jax.models.mlfpn import SFAM, TUM, FFMv1, FFMv2
+from m2det_jax.priors import num_anchors
 
 # PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)), which the original keeps for
-# the loc/conf heads (ORIGINAL.md §1.9); their biases are zeroed.
+# the loc/conf heads (docs/original.md §1); their biases are zeroed.
 _TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -53,19 +56,19 @@ class M2Det(nn.Module):
         half = self.planes // 2
         if self.share_ffmv2:
             # One module used by every level (the original): identical outputs, computed once.
-            leach = FFMv2(half, self.bn_momentum, self.dtype, name="ffmv2")(base, train)
-            leaches = [leach] * self.num_levels
+            shared = FFMv2(half, self.bn_momentum, self.dtype, name="ffmv2")(base, train)
+            ffmv2_outs = [shared] * self.num_levels
         else:
-            leaches = [
+            ffmv2_outs = [
                 FFMv2(half, self.bn_momentum, self.dtype, name=f"ffmv2_{lvl}")(base, train)
                 for lvl in range(self.num_levels)
             ]
-        self.sow("intermediates", "leach_out", leaches[0])  # [B, H, W, planes/2]
+        self.sow("intermediates", "ffmv2_out", ffmv2_outs[0])  # [B, H, W, planes/2]
 
         tum_outs = []
         for lvl in range(self.num_levels):
-            tin = leaches[lvl]
-            if lvl > 0:  # leach first, then the previous TUM's largest output
+            tin = ffmv2_outs[lvl]
+            if lvl > 0:  # FFMv2 output first, then the previous TUM's largest output
                 tin = jnp.concatenate([tin, tum_outs[-1][-1]], axis=-1)
             outs = TUM(self.planes, self.num_scales, self.smooth, self.bn_momentum, self.dtype,
                        name=f"tum_{lvl}")(tin, train)  # fmt: skip
@@ -104,8 +107,6 @@ class M2Det(nn.Module):
 
 def abstract_variables(cfg, model: M2Det | None = None):
     """The variable tree of `cfg` as ShapeDtypeStructs (nothing is computed)."""
-    import jax
-
     model = model or build_model(cfg)
     s = cfg.model.input_size
     return jax.eval_shape(
@@ -115,9 +116,6 @@ def abstract_variables(cfg, model: M2Det | None = None):
 
 def build_model(cfg) -> M2Det:
     """The M2Det module for `cfg` (validated)."""
-    from m2det_jax.config import validate
-    from m2det_jax.priors import num_anchors
-
     validate(cfg)
     m = cfg.model
     return M2Det(

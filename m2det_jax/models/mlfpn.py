@@ -1,6 +1,6 @@
 """MLFPN: FFMv1, FFMv2, TUM and SFAM, named as in the paper (Zhao et al., AAAI 2019 §3).
 
-Layouts follow the official code (ORIGINAL.md §1.3-1.6) so its checkpoints load unchanged.
+Layouts follow the official code (docs/original.md §1) so its checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class FFMv1(nn.Module):
 
 
 class FFMv2(nn.Module):
-    """The "leach": 1x1 BasicConv 768 -> planes/2 applied to the base feature."""
+    """FFMv2 (the official code names it "leach"): 1x1 BasicConv 768 -> planes/2 of the base
+    feature."""
 
     features: int
     bn_momentum: float = 0.99

@@ -1,0 +1,95 @@
+"""Dataset name -> prepared TFDS builder: the one place `cfg.data.dataset` is looked up.
+
+Datasets by `cfg.data.dataset` (`GENERATED` maps the names we build ourselves):
+  * "shapes": generated on first use (`shapes.build_shapes`).
+  * "coco_folder": built on first use from `cfg.data.image_dir` + `cfg.data.annotation_file`
+    (`coco_folder.build_coco_folder`).
+  * any other name, e.g. "coco/2017" (or any TFDS detection set with coco/2017's
+    features): must already be prepared (array_record) in `cfg.data.data_dir`; it is
+    opened from its files (`prepared_builder`), so neither TensorFlow nor the network
+    is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import read_only_builder
+
+from m2det_jax.data import schema
+from m2det_jax.data.coco_folder import build_coco_folder
+from m2det_jax.data.shapes import build_shapes
+
+
+def _shapes(d, data_dir: str) -> tfds.core.DatasetBuilder:
+    return build_shapes(
+        data_dir,
+        image_size=d.shapes_image_size,
+        num_train=d.shapes_num_train,
+        num_validation=d.shapes_num_validation,
+        seed=d.shapes_seed,
+    )
+
+
+def _coco_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
+    return build_coco_folder(
+        data_dir,
+        image_dir=d.image_dir,
+        annotation_file=d.annotation_file,
+        eval_image_dir=d.eval_image_dir,
+        eval_annotation_file=d.eval_annotation_file,
+    )
+
+
+# Datasets generated here on first use: name -> f(cfg.data, data_dir) -> prepared builder.
+GENERATED: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
+    "shapes": _shapes,
+    "coco_folder": _coco_folder,
+}
+
+
+def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder named by `cfg.data.dataset`, prepared (generated ones are built).
+
+    Args:
+      cfg: config; reads cfg.data.{dataset, data_dir, shapes_*, image_dir, annotation_file,
+        eval_image_dir, eval_annotation_file} and cfg.model.num_classes.
+      data_dir: overrides cfg.data.data_dir (None there means TFDS's default ~/tensorflow_datasets).
+    """
+    d = cfg.data
+    data_dir = os.fspath(data_dir) if data_dir is not None else d.get("data_dir")
+    data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
+    build = GENERATED.get(d.dataset)
+    builder = build(d, data_dir) if build else prepared_builder(d.dataset, data_dir)
+    check_num_classes(cfg, builder)
+    return builder
+
+
+def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """An already prepared TFDS dataset, opened from its files (no generation code).
+
+    Reading from files needs neither the dataset's builder class (TFDS's `coco` class
+    imports TensorFlow) nor the network.
+    """
+    try:
+        return read_only_builder.builder_from_files(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise FileNotFoundError(
+            f"dataset {name!r} is not prepared under data_dir={data_dir!r}; nothing is "
+            f"downloaded here. Prepare it once with the TFDS Python API, e.g. "
+            f"tfds.builder({name!r}, data_dir=..., file_format='array_record')"
+            f".download_and_prepare(), and set cfg.data.data_dir."
+        ) from e
+
+
+def check_num_classes(cfg, builder: tfds.core.DatasetBuilder) -> None:
+    """model.num_classes must hold the dataset's classes plus background 0."""
+    n = len(schema.class_names(builder))
+    if cfg.model.num_classes < n + 1:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but dataset "
+            f"{cfg.data.dataset!r} has {n} classes: set model.num_classes={n + 1} "
+            "(classes + background)"
+        )

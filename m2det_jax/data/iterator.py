@@ -1,0 +1,156 @@
+"""Batching: per-example dicts from a grain DataLoader -> normalized per-host batches.
+
+A batch (b examples, G = max boxes, S = input size):
+    image        float32 [b, S, S, 3]  (pixels in channel_order - means) / scale
+    boxes        float32 [b, G, 4]     normalized [x1, y1, x2, y2], zero padded
+    labels       int32   [b, G]        1..C-1 (0 on padding)
+    valid        bool    [b, G]
+    image_id     int64   [b]           (-1 on padding)
+    image_sizes  int32   [b, 2]        (height, width) of the stored image (0 on padding)
+    mask         bool    [b]           False only on eval padding
+
+The iterator is checkpointable (`get_state` / `set_state`, JSON-able) and keeps the
+running `DataStats` of everything it consumed, as part of that state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grain.python as grain
+import numpy as np
+
+from m2det_jax.data import augment, records
+
+# Per-example keys stacked into a batch (`mask` is added by the iterator).
+BATCH_KEYS = ("image", "boxes", "labels", "valid", "image_id", "image_sizes")
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Running counts of what the pipeline read, skipped, dropped or changed.
+
+    Keys are `records.STAT_KEYS` (examples, bad_images, bad_boxes, clipped_boxes,
+    crowd_boxes, empty_images, truncated_boxes, augment_fallbacks).
+    """
+
+    counts: dict[str, int] = dataclasses.field(default_factory=records.new_stats)
+
+    def add(self, other: dict[str, int]) -> None:
+        for k, v in other.items():
+            self.counts[k] = self.counts.get(k, 0) + int(v)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def __repr__(self) -> str:
+        return "DataStats(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
+
+
+class DetectionIterator(Iterator[dict[str, np.ndarray]]):
+    """Batches examples from a grain DataLoader; checkpointable; counts bad data.
+
+    Batching happens here, in the main process, so skipped examples never leave a hole:
+    the grain state after a batch is exactly "after the last example it used".
+
+    Attributes:
+      stats: `DataStats` of everything consumed so far.
+      num_batches: batches per pass (eval: the same on every host), None if endless.
+    """
+
+    def __init__(
+        self,
+        loader: grain.DataLoader,
+        *,
+        batch_size: int,
+        size: int,
+        max_boxes: int,
+        channel_order: str,
+        pixel_means,
+        pixel_scale: float,
+        num_batches: int | None,
+    ):
+        self._loader = loader
+        self._it = iter(loader)
+        self.batch_size = batch_size
+        self._size = size
+        self._max_boxes = max_boxes
+        self._norm = (channel_order, tuple(pixel_means), float(pixel_scale))
+        self.num_batches = num_batches
+        self._emitted = 0
+        self._exhausted = False
+        self.stats = DataStats()
+
+    def __iter__(self):
+        return self
+
+    def _next_example(self) -> dict | None:
+        """Next good example, or None when the (finite) stream ends."""
+        while not self._exhausted:
+            try:
+                ex = next(self._it)
+            except StopIteration:
+                self._exhausted = True
+                return None
+            self.stats.add(dict(zip(records.STAT_KEYS, ex["stats"].tolist(), strict=True)))
+            if bool(ex["ok"]):
+                return ex
+        return None
+
+    def _padding(self) -> dict:
+        g, s = self._max_boxes, self._size
+        return {
+            "image": np.zeros((s, s, 3), np.uint8),
+            "boxes": np.zeros((g, 4), np.float32),
+            "labels": np.zeros((g,), np.int32),
+            "valid": np.zeros((g,), bool),
+            "image_id": np.int64(-1),
+            "image_sizes": np.zeros((2,), np.int32),
+        }
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.num_batches is not None and self._emitted >= self.num_batches:
+            raise StopIteration
+        examples, mask = [], []
+        for _ in range(self.batch_size):
+            ex = self._next_example()
+            if ex is None:
+                if self.num_batches is None:  # a finite stream without a batch count
+                    if not examples:
+                        raise StopIteration
+                mask.append(False)
+                examples.append(self._padding())
+            else:
+                mask.append(True)
+                examples.append(ex)
+        self._emitted += 1
+        batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in BATCH_KEYS}
+        batch["image"] = augment.normalize(batch["image"], *self._norm)
+        batch["image"][~np.asarray(mask)] = 0.0
+        batch["image_id"] = batch["image_id"].astype(np.int64)
+        batch["image_sizes"] = batch["image_sizes"].astype(np.int32)
+        batch["mask"] = np.asarray(mask, bool)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serializable state; `set_state` on a fresh iterator resumes exactly."""
+        return {
+            "grain": self._it.get_state().decode(),
+            "emitted": self._emitted,
+            "exhausted": self._exhausted,
+            "stats": self.stats.as_dict(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(state["grain"].encode())
+        self._emitted = int(state["emitted"])
+        self._exhausted = bool(state["exhausted"])
+        self.stats = DataStats(dict(state["stats"]))
+
+
+def state_to_json(state: dict[str, Any]) -> str:
+    """`DetectionIterator.get_state()` as a JSON string (for a checkpoint's side file)."""
+    return json.dumps(state)

@@ -1,0 +1,142 @@
+"""The COCO-like TFDS schema every builder shares, and how a prepared builder is read.
+
+All datasets here carry the features of TFDS `coco/2017` (`coco_features`): image,
+image/filename, image/id, objects{area, bbox (normalized [ymin, xmin, ymax, xmax]), id,
+is_crowd, label (0..C-1)}. Builders are prepared with `prepare` (never the network) and
+read with `data_source` (images left encoded; `records.decode_record` decodes them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# COCO 2017's 80 categories as (id, name), in id order: TFDS coco/2017 label i is
+# COCO_2017_CATEGORIES[i]. Data, not code: the ids have gaps (12, 26, 29, 30, ...).
+COCO_2017_CATEGORIES = (
+    (1, "person"),
+    (2, "bicycle"),
+    (3, "car"),
+    (4, "motorcycle"),
+    (5, "airplane"),
+    (6, "bus"),
+    (7, "train"),
+    (8, "truck"),
+    (9, "boat"),
+    (10, "traffic light"),
+    (11, "fire hydrant"),
+    (13, "stop sign"),
+    (14, "parking meter"),
+    (15, "bench"),
+    (16, "bird"),
+    (17, "cat"),
+    (18, "dog"),
+    (19, "horse"),
+    (20, "sheep"),
+    (21, "cow"),
+    (22, "elephant"),
+    (23, "bear"),
+    (24, "zebra"),
+    (25, "giraffe"),
+    (27, "backpack"),
+    (28, "umbrella"),
+    (31, "handbag"),
+    (32, "tie"),
+    (33, "suitcase"),
+    (34, "frisbee"),
+    (35, "skis"),
+    (36, "snowboard"),
+    (37, "sports ball"),
+    (38, "kite"),
+    (39, "baseball bat"),
+    (40, "baseball glove"),
+    (41, "skateboard"),
+    (42, "surfboard"),
+    (43, "tennis racket"),
+    (44, "bottle"),
+    (46, "wine glass"),
+    (47, "cup"),
+    (48, "fork"),
+    (49, "knife"),
+    (50, "spoon"),
+    (51, "bowl"),
+    (52, "banana"),
+    (53, "apple"),
+    (54, "sandwich"),
+    (55, "orange"),
+    (56, "broccoli"),
+    (57, "carrot"),
+    (58, "hot dog"),
+    (59, "pizza"),
+    (60, "donut"),
+    (61, "cake"),
+    (62, "chair"),
+    (63, "couch"),
+    (64, "potted plant"),
+    (65, "bed"),
+    (67, "dining table"),
+    (70, "toilet"),
+    (72, "tv"),
+    (73, "laptop"),
+    (74, "mouse"),
+    (75, "remote"),
+    (76, "keyboard"),
+    (77, "cell phone"),
+    (78, "microwave"),
+    (79, "oven"),
+    (80, "toaster"),
+    (81, "sink"),
+    (82, "refrigerator"),
+    (84, "book"),
+    (85, "clock"),
+    (86, "vase"),
+    (87, "scissors"),
+    (88, "teddy bear"),
+    (89, "hair drier"),
+    (90, "toothbrush"),
+)
+COCO_2017_CATEGORY_IDS = tuple(i for i, _ in COCO_2017_CATEGORIES)
+
+
+def coco_features(names, encoding_format: str) -> tfds.features.FeaturesDict:
+    """The feature spec of TFDS coco/2017, which our own builders share."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
+        "image/filename": tfds.features.Text(),
+        "image/id": np.int64,
+        "objects": tfds.features.Sequence({
+            "area": np.int64,
+            "bbox": tfds.features.BBoxFeature(),
+            "id": np.int64,
+            "is_crowd": np.bool_,
+            "label": tfds.features.ClassLabel(names=list(names)),
+        }),
+    })  # fmt: skip
+
+
+def class_names(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """The dataset's class names, index = TFDS label (model label - 1)."""
+    return list(builder.info.features["objects"]["label"].names)
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
+    """`download_and_prepare` for generated builders; never touches the network."""
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str):
+    """Random-access source over `split` (array_record); images stay encoded bytes.
+
+    Images are decoded later, in `records.decode_record`, so a corrupt one is counted,
+    not fatal.
+    """
+    try:
+        return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise FileNotFoundError(
+            f"dataset {builder.name!r} split {split!r} is not readable from "
+            f"{builder.data_dir!r} ({type(e).__name__}: {e}). Prepare it first (array_record "
+            f"format; TFDS Python API with download=False / a local data_dir)."
+        ) from e

@@ -1,0 +1,216 @@
+"""Prediction: network + decode + NMS as one jitted program, plain or with test-time
+augmentation. Evaluation, `m2det detect`, export and the speed benchmark all use it (and
+never each other).
+
+* `make_predict_fn(cfg, mesh)`: jit(variables, images, image_sizes) -> `detect`'s dict for
+  network inputs (already preprocessed) at `cfg.model.input_size`; batch-sharded on a mesh.
+* `make_tta_fn(cfg, sizes, flip, mesh)`: the paper's multi-scale (+ flip) setting (M2Det
+  Table 1, "multi-scale"): every pass is decoded to normalized boxes and class
+  probabilities, flipped passes are mirrored back (x1' = 1 - x2), all candidates of an image
+  are concatenated and suppressed once more by the public `postprocess.nms`. One jitted
+  program for the whole batch, sharded like the plain one.
+* `prepare_images` / `make_detector`: uint8 RGB images of any size -> numpy detections in
+  their pixels (resize, `preprocess`, pad to a fixed batch, predict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from m2det_jax import sharding as shd
+from m2det_jax.data.augment import resize_bilinear
+from m2det_jax.models import build_model
+from m2det_jax.postprocess import decode_and_score, make_detect_fn, make_nms_fn
+from m2det_jax.preprocess import preprocess
+from m2det_jax.priors import prior_boxes
+
+# ------------------------------------------------------------------------------ settings
+
+
+def config_for_size(cfg: ml_collections.ConfigDict, size: int) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with model.input_size = size (priors follow: `prior_boxes(copy)`)."""
+    out = cfg.copy_and_resolve_references()
+    out.model.input_size = int(size)
+    return out
+
+
+def tta_sizes(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The input sizes of `cfg.tta` (model.input_size alone when only flipping); () when
+    test-time augmentation is off."""
+    tta = cfg.get("tta")
+    if tta is None or not (tuple(tta.sizes) or bool(tta.flip)):
+        return ()
+    return tuple(int(v) for v in tta.sizes) or (int(cfg.model.input_size),)
+
+
+def _cached(build: Callable, cfg: ml_collections.ConfigDict, *key) -> Callable:
+    """`build(cfg, *key)`, built once per (config contents, key): ConfigDicts are not
+    hashable, their JSON is."""
+    k = (build.__name__, cfg.to_json_best_effort(sort_keys=True), *key)
+    if k not in _CACHE:
+        _CACHE[k] = build(cfg, *key)
+    return _CACHE[k]
+
+
+_CACHE: dict[tuple, Callable] = {}
+
+
+def _jit(fn, mesh: Mesh | None, num_batched: int):
+    """jit with the variables replicated and `num_batched` batch-sharded arguments."""
+    if mesh is None:
+        return jax.jit(fn)
+    batch = shd.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(shd.replicated(mesh), *([batch] * num_batched)))
+
+
+# ---------------------------------------------------------------------------- one pass
+
+
+def make_predict_fn(cfg: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Callable:
+    """jit((variables, images [B, S, S, 3] network input, image_sizes [B, 2]) -> detections).
+
+    Detections are `postprocess.detect`'s dict, boxes in pixels of `image_sizes` (height,
+    width). Built once per (config, mesh).
+    """
+    return _cached(_predict_fn, cfg, mesh)
+
+
+def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
+    model = build_model(cfg)
+    priors = jnp.asarray(prior_boxes(cfg))
+    detect_fn = make_detect_fn(cfg)
+
+    def predict(variables, images, image_sizes):
+        out = model.apply(variables, images, train=False)
+        return detect_fn(out["loc"], out["logits"], priors, image_sizes)
+
+    return _jit(predict, mesh, 2)
+
+
+# ---------------------------------------------------------------------------------- TTA
+
+
+def _mirror(boxes: jnp.ndarray) -> jnp.ndarray:
+    """Normalized xyxy boxes of a horizontally flipped image -> the unflipped image's."""
+    return jnp.stack([1.0 - boxes[..., 2], boxes[..., 1], 1.0 - boxes[..., 0], boxes[..., 3]], -1)
+
+
+def _passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
+    """(variables, x [B, S, S, 3]) -> [(boxes [B, P, 4] normalized, scores [B, P, C]), ...]:
+    the plain pass and, with `flip`, the flipped one mirrored back (one forward of 2B)."""
+    model = build_model(cfg_s)
+    priors = jnp.asarray(prior_boxes(cfg_s))
+
+    def passes(variables, x):
+        b = x.shape[0]
+        if flip:
+            x = jnp.concatenate([x, x[:, :, ::-1]])
+        out = model.apply(variables, x, train=False)
+        boxes, scores = decode_and_score(out["loc"], out["logits"], priors, cfg_s)
+        result = [(boxes[:b], scores[:b])]
+        if flip:
+            result.append((_mirror(boxes[b:]), scores[b:]))
+        return result
+
+    return passes
+
+
+def make_tta_fn(
+    cfg: ml_collections.ConfigDict,
+    sizes: Sequence[int] | None = None,
+    flip: bool | None = None,
+    mesh: Mesh | None = None,
+) -> Callable:
+    """jit((variables, images, image_sizes [B, 2]) -> detections) with test-time augmentation.
+
+    `images` is a tuple with one network input [B, S_i, S_i, 3] per size of `sizes` (default
+    `tta_sizes(cfg)`), each resized from the original image. `flip` (default cfg.tta.flip)
+    adds mirrored passes. The output has the same K as a plain `detect` for `cfg`.
+    """
+    sizes = tuple(int(v) for v in (sizes or tta_sizes(cfg) or (cfg.model.input_size,)))
+    flip = bool(cfg.tta.flip if flip is None else flip)
+    return _cached(_tta_fn, cfg, sizes, flip, mesh)
+
+
+def _tta_fn(cfg, sizes: tuple[int, ...], flip: bool, mesh: Mesh | None) -> Callable:
+    pass_fns = [_passes_at(config_for_size(cfg, s), flip) for s in sizes]
+    nms_fn = make_nms_fn(cfg)
+
+    def predict(variables, images, image_sizes):
+        passes = [p for fn, x in zip(pass_fns, images, strict=True) for p in fn(variables, x)]
+        boxes = jnp.concatenate([p[0] for p in passes], axis=1)  # [B, sum P, 4]
+        scores = jnp.concatenate([p[1] for p in passes], axis=1)  # [B, sum P, C]
+        return nms_fn(boxes, scores, image_sizes)
+
+    if mesh is None:
+        return jax.jit(predict)
+    batch = shd.batch_sharding(mesh)
+    return jax.jit(predict, in_shardings=(shd.replicated(mesh), (batch,) * len(sizes), batch))
+
+
+def tta_passes(variables, images: Sequence[np.ndarray], cfg, sizes: Sequence[int],
+               flip: bool = True) -> list[tuple[jax.Array, jax.Array]]:  # fmt: skip
+    """Decoded candidates of every TTA pass of uint8 RGB images: [(boxes [B, P_s, 4]
+    normalized, scores [B, P_s, C])], for each size the plain pass then the flipped one."""
+    out = []
+    for s in sizes:
+        x, _ = prepare_images(images, cfg, s)
+        out += jax.jit(_passes_at(config_for_size(cfg, s), flip))(variables, x)
+    return out
+
+
+# ------------------------------------------------------------------------- image files
+
+
+def prepare_images(
+    images: Sequence[np.ndarray], cfg: ml_collections.ConfigDict, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB images of any sizes -> (network input float32 [B, S, S, 3], image_sizes
+    float32 [B, 2] (height, width)).
+
+    The eval pipeline's steps: cv2-style bilinear resize to S x S (aspect not kept), then
+    `preprocess`. S is `size` or cfg.model.input_size.
+    """
+    s = int(size or cfg.model.input_size)
+    x = np.stack([preprocess(resize_bilinear(im, s), cfg) for im in images])
+    image_sizes = np.array([im.shape[:2] for im in images], np.float32)
+    return x, image_sizes
+
+
+def pad_batch(x: np.ndarray, batch: int, value: float = 0.0) -> np.ndarray:
+    """Pads axis 0 of `x` with `value` to `batch` rows (a fixed shape: one compilation)."""
+    if x.shape[0] == batch:
+        return x
+    pad = np.full((batch - x.shape[0],) + x.shape[1:], value, x.dtype)
+    return np.concatenate([x, pad])
+
+
+def make_detector(
+    cfg, variables, *, batch_size: int = 1, tta_sizes: Sequence[int] | None = None,
+    tta_flip: bool = False,
+) -> Callable[[Sequence[np.ndarray]], dict[str, np.ndarray]]:  # fmt: skip
+    """images (uint8 RGB, any sizes, at most batch_size) -> numpy detections in their pixels.
+
+    A fixed batch (the last one is padded), so each program compiles once. With `tta_sizes`
+    or `tta_flip`: `make_tta_fn` over those sizes.
+    """
+    sizes = tuple(tta_sizes or ())
+    tta = bool(sizes or tta_flip)
+    sizes = sizes or (int(cfg.model.input_size),)
+    fn = make_tta_fn(cfg, sizes, tta_flip) if tta else make_predict_fn(cfg)
+
+    def run(ims):
+        n = len(ims)
+        xs = [pad_batch(prepare_images(ims, cfg, s)[0], batch_size) for s in sizes]
+        image_sizes = pad_batch(np.array([im.shape[:2] for im in ims], np.float32), batch_size,
+                                1.0)  # fmt: skip
+        dets = jax.device_get(fn(variables, tuple(xs) if tta else xs[0], image_sizes))
+        return {k: np.asarray(v)[:n] for k, v in dets.items()}
+
+    return run

@@ -1,0 +1,150 @@
+"""Shared test helpers: paths, detection comparison, tiny random weights, a synthetic batch
+source and the subprocess worker runners (imported as `tests.helpers`)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2det_jax import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WORKER = "tests.train_worker"  # multi-process / signal entry points: python -m WORKER
+
+
+def config_path(name: str) -> str:
+    return os.path.join(CONFIGS, name + ".py")
+
+
+def assert_same_detections(got, want, box_atol=1e-4, score_atol=1e-6, keys=("classes",)):
+    """Two detection dicts agree: the same valid rows (and `keys`), boxes and scores close
+    on them; `want` must hold some detections (else the comparison proves nothing)."""
+    m = np.asarray(want["valid"])
+    assert m.sum() > 0
+    np.testing.assert_array_equal(got["valid"], m)
+    for k in keys:
+        np.testing.assert_array_equal(got[k], want[k])
+    np.testing.assert_allclose(got["boxes"][m], want["boxes"][m], atol=box_atol)
+    np.testing.assert_allclose(got["scores"][m], want["scores"][m], atol=score_atol)
+
+
+# Small NMS work: the tests are about plumbing, not NMS (tested in test_postprocess.py).
+OVERRIDES = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50"]
+
+
+def tiny_variables(cfg, seed=0):
+    """Random weights without compiling `model.init` (slow on a busy 2-core CPU): kernels
+    N(0, 1/fan_in), BN identity; loc kernels x1e-3 (large random regressions overflow exp in
+    decode), conf kernels x5 (peaky scores, so some rows pass the thresholds)."""
+    model = build_model(cfg)
+    s = cfg.model.input_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        names = [str(getattr(k, "key", "")) for k in path]
+        if len(a.shape) >= 2:
+            x = rng.normal(0, 1 / np.sqrt(np.prod(a.shape[:-1])), a.shape)
+            x *= 1e-3 if names[1].startswith("loc") else 5 if names[1].startswith("conf") else 1
+        elif names[-1] in ("bias", "mean"):
+            x = np.zeros(a.shape)
+        else:
+            x = np.ones(a.shape)
+        return jnp.asarray(x, a.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+
+# ------------------------------------------------------------------ synthetic batches
+class SyntheticIterator:
+    """Per-process batches that depend only on (seed, global batch index, process)."""
+
+    def __init__(self, cfg, local_batch_size, process_index=0, process_count=1, seed=0):
+        self.cfg, self.bs, self.pi, self.pc, self.seed = (
+            cfg, local_batch_size, process_index, process_count, seed)  # fmt: skip
+        self.index = 0
+
+    def global_batch(self, index):
+        """The whole global batch for `index` (what every process's shards add up to)."""
+        s, g = self.cfg.model.input_size, self.cfg.data.max_boxes
+        n = self.bs * self.pc
+        rng = np.random.default_rng([self.seed, index])
+        image = rng.normal(0, 40, (n, s, s, 3)).astype(np.float32)
+        xy = rng.uniform(0, 0.6, (n, g, 2))
+        wh = rng.uniform(0.1, 0.4, (n, g, 2))
+        boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+        labels = rng.integers(1, self.cfg.model.num_classes, (n, g)).astype(np.int32)
+        valid = np.arange(g)[None, :] < rng.integers(0, 4, (n, 1))
+        for b in range(n):  # paint the boxes so there is something to learn
+            for k in np.flatnonzero(valid[b]):
+                x1, y1, x2, y2 = (boxes[b, k] * s).astype(int)
+                image[b, y1:y2, x1:x2, labels[b, k] % 3] += 100.0
+        return {"image": image, "boxes": boxes, "labels": labels, "valid": valid,
+                "mask": np.ones(n, bool)}  # fmt: skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        full = self.global_batch(self.index)
+        self.index += 1
+        sl = slice(self.pi * self.bs, (self.pi + 1) * self.bs)
+        return {k: v[sl] for k, v in full.items()}
+
+    def get_state(self):
+        return json.dumps({"index": self.index}).encode()
+
+    def set_state(self, state):
+        self.index = json.loads(state)["index"]
+
+
+def make_synthetic(cfg, local_batch_size, process_index=0, process_count=1):
+    return SyntheticIterator(cfg, local_batch_size, process_index, process_count)
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def worker_env(cache_dir) -> dict:
+    """Environment for worker subprocesses: a shared persistent compilation cache, and
+    no XLA_FLAGS of the parent (e.g. fake device counts)."""
+    env = dict(os.environ)
+    env["M2DET_TEST_CACHE"] = str(cache_dir)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def worker_command(*args) -> list[str]:
+    return [sys.executable, "-m", WORKER, *map(str, args)]
+
+
+def run_worker(args, env, timeout=600):
+    """`python -m tests.train_worker *args`; asserts it exits 0 and returns the process."""
+    p = subprocess.run(worker_command(*args), env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def run_worker_processes(args, nproc, env, timeout=600):
+    """`python -m tests.train_worker *args ADDR NPROC PID` as `nproc` jax.distributed
+    processes on localhost (a free port); asserts every one exits 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [
+        subprocess.Popen(worker_command(*args, addr, nproc, i), env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for i in range(nproc)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]

@@ -1,0 +1,122 @@
+"""Record decoding (numpy + PIL, no TFDS) and the layout of `m2det_jax.data`."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from m2det_jax import data
+from m2det_jax.data import records
+from m2det_jax.data.shapes import encode_png
+
+DATA_DIR = pathlib.Path(data.__file__).parent
+# Data-flow order: a module may import only modules listed before it.
+ORDER = (
+    "records",
+    "schema",
+    "coco_json",
+    "shapes",
+    "coco_folder",
+    "builders",
+    "augment",
+    "examples",
+    "iterator",
+    "pipeline",
+)
+
+
+def test_decode_record_boxes_labels_and_counts():
+    image = np.zeros((30, 40, 3), np.uint8)
+    record = {
+        "image": np.array(encode_png(image), dtype=object),
+        "image/id": np.int64(7),
+        "objects": {
+            "bbox": np.array(
+                [
+                    [0.1, 0.2, 0.5, 0.6],  # kept: -> xyxy [0.2, 0.1, 0.6, 0.5]
+                    [-0.5, 0.0, 0.5, 1.5],  # clipped
+                    [0.3, 0.3, 0.3, 0.9],  # zero height: bad
+                    [np.nan, 0.0, 1.0, 1.0],  # non-finite: bad
+                    [0.0, 0.0, 1.0, 1.0],  # crowd: dropped
+                ],
+                np.float32,
+            ),
+            "label": np.array([0, 1, 2, 3, 4]),
+            "is_crowd": np.array([False, False, False, False, True]),
+        },
+    }
+    ex, stats = records.decode_record(record)
+    assert set(ex) == {"image", "boxes", "labels", "image_id", "image_sizes"}
+    np.testing.assert_array_equal(ex["image"], image)
+    np.testing.assert_allclose(ex["boxes"], [[0.2, 0.1, 0.6, 0.5], [0.0, 0.0, 1.0, 0.5]])
+    assert ex["boxes"].dtype == np.float32 and ex["labels"].tolist() == [1, 2]
+    assert ex["image_id"] == 7 and ex["image_sizes"].tolist() == [30, 40]
+    assert (stats["bad_boxes"], stats["clipped_boxes"], stats["crowd_boxes"]) == (2, 1, 1)
+    ex, _ = records.decode_record(record, include_crowd=True)
+    assert ex["labels"].tolist() == [1, 2, 5]
+
+    ex, stats = records.decode_record({"image": b"not an image"})
+    assert ex is None and stats["bad_images"] == 1 and stats["examples"] == 1
+    assert records.image_hw(record["image"]) == (30, 40)
+    assert records.image_hw(b"not an image") is None
+
+
+def test_decode_image_gray_and_arrays():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = records.decode_image(encode_png(np.stack([gray] * 3, -1)))
+    assert rgb.shape == (3, 4, 3) and (rgb[..., 0] == gray).all()
+    arr = np.zeros((2, 2, 3), np.uint8)
+    assert records.decode_image(arr) is arr
+    assert records.decode_image(b"") is None
+
+
+def _imports(module: str) -> tuple[set[str], list[int]]:
+    """(m2det_jax.data modules `module` imports, lines of imports inside functions)."""
+    tree = ast.parse((DATA_DIR / f"{module}.py").read_text())
+    deps, nested = set(), []
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        if id(node) not in top:
+            nested.append(node.lineno)
+        deps |= {n.split(".")[2] for n in names if n.startswith("m2det_jax.data.")}
+    return deps, nested
+
+
+def test_modules_import_only_upstream_and_at_top_level():
+    assert {p.stem for p in DATA_DIR.glob("*.py")} == {"__init__", *ORDER}
+    for i, module in enumerate(ORDER):
+        deps, nested = _imports(module)
+        assert deps <= set(ORDER[:i]), (module, deps - set(ORDER[:i]))
+        assert not nested, (module, nested)
+        assert len((DATA_DIR / f"{module}.py").read_text().splitlines()) <= 400, module
+
+
+def test_records_and_augment_do_not_import_tfds_or_grain():
+    code = (
+        "import sys, m2det_jax.data.records, m2det_jax.data.augment\n"
+        "from m2det_jax.data import decode_image\n"
+        "bad = [m for m in ('tensorflow_datasets', 'tensorflow', 'grain') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_package_exports():
+    want = {
+        "open_builder", "annotation_file", "category_ids", "make_train_iterator",
+        "make_eval_iterator", "DataStats", "DetectionIterator", "decode_image", "data_source",
+        "decode_record",
+    }  # fmt: skip
+    assert set(data.__all__) == want
+    for name in want:
+        assert callable(getattr(data, name)), name

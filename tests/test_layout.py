@@ -1,0 +1,130 @@
+"""The package's shape: no import cycle, imports at the top of modules, modules of a size a
+reader can hold (the layout the README's "Layout" section describes).
+
+Static (ast) checks over m2det_jax/*.py, so a cycle fails here before it fails at import.
+"""
+
+import ast
+import os
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "m2det_jax")
+MAX_LINES = 400
+# Imports allowed inside functions: optional heavy dependencies, imported only where used.
+LAZY_OK = ("torch", "tensorflow", "orbax.export")
+
+
+def _modules() -> dict[str, str]:
+    """module name -> path for every .py file of the package."""
+    out = {}
+    for root, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                rel = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path: str):
+    """(imported project module, lineno, inside a function) for every import of `path`."""
+    tree = ast.parse(open(path).read(), path)
+    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    inner = {id(n) for f in funcs for n in ast.walk(f) if n is not f}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from m2det_jax import data` imports the module m2det_jax.data.
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            yield name, node.lineno, id(node) in inner
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> project modules it imports. Importing a subpackage (e.g. `from m2det_jax
+    import data`) counts as importing every module of it, whether its __init__ loads them
+    eagerly or on first use; the root package (the public API facade) does not."""
+    graph = {}
+    for mod, path in MODULES.items():
+        deps = set()
+        for name, _, _ in _imports(path):
+            if name not in MODULES or name == mod:
+                continue
+            deps.add(name)
+            if name != "m2det_jax" and not mod.startswith(name + "."):
+                deps |= {m for m in MODULES if m.startswith(name + ".")}
+        graph[mod] = deps
+    return graph
+
+
+def _find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            # A package's own submodules are loaded by it: importing the package from a
+            # submodule is no cycle of meaning; but a submodule importing a sibling that
+            # imports it back is.
+            if state.get(d) == "open":
+                return stack[stack.index(d):] + [d]
+            if d not in state and (cycle := visit(d)):
+                return cycle
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def _without_package_edges(graph):
+    """Drops `pkg -> pkg.sub` edges (an __init__ re-exporting its own submodules) so that
+    `pkg.sub -> pkg.other` through the package is not counted twice."""
+    return {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+
+
+def test_no_import_cycle():
+    cycle = _find_cycle(_without_package_edges(_graph()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("mod", sorted(MODULES))
+def test_imports_at_the_top(mod):
+    lazy = [(n, line) for n, line, inner in _imports(MODULES[mod]) if inner
+            and not n.startswith(LAZY_OK)]  # fmt: skip
+    assert not lazy, f"{mod}: imports inside functions: {lazy}"
+
+
+@pytest.mark.parametrize("mod", sorted(MODULES))
+def test_module_size(mod):
+    n = sum(1 for _ in open(MODULES[mod]))
+    assert n <= MAX_LINES, f"{mod}: {n} lines (> {MAX_LINES}): split it by stage"
+
+
+def test_nothing_imports_the_entry_points():
+    graph = _graph()
+    for top in ("m2det_jax.cli", "m2det_jax.train"):
+        users = sorted(m for m, deps in graph.items() if top in deps and m != "m2det_jax")
+        allowed = {"m2det_jax.cli"}  # the CLI calls train_and_evaluate
+        assert set(users) <= allowed, f"{top} imported by {users}"
+
+
+def test_docstrings_do_not_point_outside_the_repository():
+    for mod, path in MODULES.items():
+        assert "ORIGINAL.md" not in open(path).read(), mod
