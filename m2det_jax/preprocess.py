@@ -7,7 +7,7 @@
 the same float32 arithmetic either way.
 
 The original-compatible default feeds BGR pixels minus (104, 117, 123), unscaled
-(docs/original.md §6).
+(docs/original.md §5.1).
 """
 
 from __future__ import annotations

@@ -1,10 +1,26 @@
 """Session fixtures; shared helpers live in `tests/helpers.py`."""
 
 import pytest
+import tensorflow_datasets as tfds
 
+from m2det_jax.data.shapes import build_shapes
 from m2det_jax.reference import load_fixture
+
+tfds.disable_progress_bar()
 
 
 @pytest.fixture(scope="session")
 def fixture320():
     return load_fixture()
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """(data_dir, builder) of a small shapes set: 16 train, 8 validation images."""
+    d = tmp_path_factory.mktemp("tfds")
+    return d, build_shapes(d, num_train=16, num_validation=8)
+
+
+@pytest.fixture(scope="session")
+def shapes_builder(shapes):
+    return shapes[1]

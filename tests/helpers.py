@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2det_jax import build_model
+from m2det_jax.config import default_config
+from m2det_jax.data import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -61,6 +63,24 @@ def tiny_variables(cfg, seed=0):
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
+
+
+def small_data_config(**data):
+    """The default config at input 64 with up to 8 boxes, in-process reading, `data.*`
+    overrides."""
+    cfg = default_config()
+    cfg.model.input_size = 64
+    cfg.data.max_boxes = 8
+    cfg.data.num_workers = 0
+    for k, v in data.items():
+        cfg.data[k] = v
+    return cfg
+
+
+def stored_records(builder, split):
+    """Every stored record of `split` (images still encoded)."""
+    src = schema.data_source(builder, split)
+    return [src[i] for i in range(len(src))]
 
 
 # ------------------------------------------------------------------ synthetic batches

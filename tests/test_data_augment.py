@@ -7,6 +7,7 @@ import colorsys
 import numpy as np
 
 from m2det_jax.data import augment
+from m2det_jax.preprocess import normalize
 
 
 def _rect_image(h=60, w=80, box=(20, 10, 50, 40)):
@@ -98,5 +99,5 @@ def test_resize_bilinear_and_normalize():
     half = augment.resize_bilinear(img, 2)  # half-pixel centres: mean of 2x2 blocks
     want = img.reshape(2, 2, 2, 2, 3).astype(float).mean((1, 3))
     np.testing.assert_array_equal(half, np.round(want))
-    x = augment.normalize(img, "bgr", (104.0, 117.0, 123.0))
+    x = normalize(img, "bgr", (104.0, 117.0, 123.0))
     np.testing.assert_array_equal(x[..., 0], img[..., 2].astype(np.float32) - 104.0)

@@ -11,39 +11,16 @@ import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
 from m2det_jax import box_ops
-from m2det_jax.config import default_config
 from m2det_jax.data import builders, coco_json, pipeline, records, schema
 from m2det_jax.data.coco_folder import build_coco_folder
 from m2det_jax.data.shapes import build_shapes, encode_png
-
-tfds.disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def shapes_builder(tmp_path_factory):
-    return build_shapes(tmp_path_factory.mktemp("tfds"), num_train=16, num_validation=8)
-
-
-def small_cfg(**data):
-    cfg = default_config()
-    cfg.model.input_size = 64
-    cfg.data.max_boxes = 8
-    cfg.data.num_workers = 0
-    for k, v in data.items():
-        cfg.data[k] = v
-    return cfg
-
-
-def _records(builder, split):
-    src = schema.data_source(builder, split)
-    return [src[i] for i in range(len(src))]
-
+from tests.helpers import small_data_config, stored_records
 
 # ------------------------------------------------------------------------- shapes
 
 
 def test_shapes_builds_reads_back_and_is_deterministic(shapes_builder, tmp_path):
-    train, val = _records(shapes_builder, "train"), _records(shapes_builder, "validation")
+    train, val = stored_records(shapes_builder, "train"), stored_records(shapes_builder, "validation")
     assert (len(train), len(val)) == (16, 8)
     assert coco_json.category_ids(shapes_builder) == [1, 2, 3, 4]
     for rec in train + val:
@@ -56,14 +33,14 @@ def test_shapes_builds_reads_back_and_is_deterministic(shapes_builder, tmp_path)
         assert stats["bad_boxes"] == stats["bad_images"] == 0
     again = build_shapes(tmp_path, num_train=16, num_validation=8)
     a = {int(r["image/id"]): r["image"] for r in train}
-    b = {int(r["image/id"]): r["image"] for r in _records(again, "train")}
+    b = {int(r["image/id"]): r["image"] for r in stored_records(again, "train")}
     assert a == b
 
 
 def test_shapes_coco_json_loads_in_pycocotools_and_matches(shapes_builder):
     coco = COCO(coco_json.annotation_file(shapes_builder, "validation"))
     assert sorted(coco.getCatIds()) == [1, 2, 3, 4]
-    recs = _records(shapes_builder, "validation")
+    recs = stored_records(shapes_builder, "validation")
     assert sorted(coco.getImgIds()) == sorted(int(r["image/id"]) for r in recs)
     for rec in recs:
         ex, _ = records.decode_record(rec)
@@ -160,7 +137,7 @@ def test_coco_folder_bad_data_is_skipped_and_counted(tmp_path):
     assert builder.info.metadata["build_stats"]["invalid_boxes"] == 2
     assert builder.info.metadata["build_stats"]["clipped_boxes"] == 1
 
-    cfg = small_cfg()
+    cfg = small_data_config()
     it = pipeline.make_eval_iterator(
         cfg, builder=builder, split="train", global_batch_size=4, shard_index=0, shard_count=1
     )
@@ -280,7 +257,7 @@ def test_coco2017_prepared_dir_through_the_real_reading_code(tmp_path):
 
         schema.prepare(Coco(data_dir=str(tmp_path), file_format="array_record"))
 
-    cfg = small_cfg(data_dir=str(tmp_path))
+    cfg = small_data_config(data_dir=str(tmp_path))
     assert cfg.data.dataset == "coco/2017"
     builder = builders.open_builder(cfg)
     assert coco_json.category_ids(builder) == list(schema.COCO_2017_CATEGORY_IDS)
@@ -306,11 +283,11 @@ def test_coco2017_prepared_dir_through_the_real_reading_code(tmp_path):
     assert b["valid"][:3].sum(1).tolist() == [3, 3, 3]
 
     with pytest.raises(FileNotFoundError, match="not prepared"):
-        builders.open_builder(small_cfg(data_dir=str(tmp_path / "empty")))
+        builders.open_builder(small_data_config(data_dir=str(tmp_path / "empty")))
 
 
 def test_open_builder_shapes_from_config(tmp_path):
-    cfg = small_cfg(
+    cfg = small_data_config(
         dataset="shapes",
         data_dir=str(tmp_path),
         shapes_num_train=4,

@@ -6,37 +6,14 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from m2det_jax.config import default_config
-from m2det_jax.data import augment, iterator, pipeline, records, schema
-from m2det_jax.data.shapes import build_shapes
-
-tfds.disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def shapes_builder(tmp_path_factory):
-    return build_shapes(tmp_path_factory.mktemp("tfds"), num_train=16, num_validation=8)
-
-
-def small_cfg(**data):
-    cfg = default_config()
-    cfg.model.input_size = 64
-    cfg.data.max_boxes = 8
-    cfg.data.num_workers = 0
-    for k, v in data.items():
-        cfg.data[k] = v
-    return cfg
-
-
-def _records(builder, split):
-    src = schema.data_source(builder, split)
-    return [src[i] for i in range(len(src))]
+from m2det_jax.data import augment, iterator, pipeline, records
+from m2det_jax.preprocess import normalize
+from tests.helpers import small_data_config, stored_records
 
 
 def test_train_batches_shapes_dtypes_padding(shapes_builder):
-    cfg = small_cfg(max_boxes=3)
+    cfg = small_data_config(max_boxes=3)
     it = pipeline.make_train_iterator(
         cfg, builder=shapes_builder, global_batch_size=4, shard_index=0, shard_count=1
     )
@@ -59,8 +36,8 @@ def test_train_batches_shapes_dtypes_padding(shapes_builder):
 
 
 def test_eval_sees_every_image_once_and_shards_are_disjoint(shapes_builder):
-    cfg = small_cfg()
-    all_ids = sorted(int(r["image/id"]) for r in _records(shapes_builder, "validation"))
+    cfg = small_data_config()
+    all_ids = sorted(int(r["image/id"]) for r in stored_records(shapes_builder, "validation"))
     ids = []
     for shard in range(2):  # two hosts: 8 images, per-host batch 3 -> 2 batches each
         it = pipeline.make_eval_iterator(
@@ -78,16 +55,16 @@ def test_eval_sees_every_image_once_and_shards_are_disjoint(shapes_builder):
         cfg, builder=shapes_builder, global_batch_size=8, shard_index=0, shard_count=1
     )
     first = next(b0)
-    rec = {int(r["image/id"]): r for r in _records(shapes_builder, "validation")}
+    rec = {int(r["image/id"]): r for r in stored_records(shapes_builder, "validation")}
     ex, _ = records.decode_record(rec[int(first["image_id"][0])])
     np.testing.assert_array_equal(
-        first["image"][0], augment.normalize(augment.resize_bilinear(ex["image"], 64))
+        first["image"][0], normalize(augment.resize_bilinear(ex["image"], 64))
     )
     np.testing.assert_array_equal(first["boxes"][0][first["valid"][0]], ex["boxes"])
 
 
 def test_train_shards_disjoint(shapes_builder):
-    cfg = small_cfg()
+    cfg = small_data_config()
     seen = []
     for shard in range(2):
         it = pipeline.make_train_iterator(
@@ -99,7 +76,7 @@ def test_train_shards_disjoint(shapes_builder):
 
 
 def test_iterator_state_restores_identical_batches(shapes_builder):
-    cfg = small_cfg()
+    cfg = small_data_config()
 
     def make():
         return pipeline.make_train_iterator(
@@ -122,7 +99,7 @@ def test_iterator_state_restores_identical_batches(shapes_builder):
 
 @pytest.mark.slow
 def test_worker_processes_match_in_process_and_resume(shapes_builder):
-    cfg = small_cfg()
+    cfg = small_data_config()
 
     def make(workers):
         return pipeline.make_train_iterator(

@@ -9,7 +9,6 @@ import pytest
 
 from m2det_jax import data
 from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, to_coco_results
-from m2det_jax.data.shapes import build_shapes
 from tests.helpers import (
     OVERRIDES,
     assert_same_detections,
@@ -19,12 +18,6 @@ from tests.helpers import (
     tiny_variables,
     worker_env,
 )
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    return d, build_shapes(d, num_train=16, num_validation=8)
 
 
 def _gt_as_detections(builder, split):

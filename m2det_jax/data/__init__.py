@@ -6,7 +6,7 @@
   shapes       the synthetic shapes builder (build_shapes)
   coco_folder  a builder for any COCO-format folder (build_coco_folder)
   builders     cfg.data.dataset -> prepared builder (open_builder)
-  augment      train augmentation, eval resize, normalize (numpy + PIL)
+  augment      train augmentation, eval resize (numpy + PIL)
   examples     per-example grain transforms (decode, augment, pad)
   iterator     batching, state, DataStats (DetectionIterator)
   pipeline     make_train_iterator, make_eval_iterator

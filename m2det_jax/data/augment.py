@@ -22,8 +22,8 @@ An image without boxes is only resized. Every random draw comes from the
 `np.random.Generator` passed in, so results are a function of its seed.
 
 Images here are uint8 RGB [H, W, 3]; boxes are normalized [x1, y1, x2, y2]. The channel
-order and mean subtraction of `cfg.preprocess` are applied last, by `normalize` (the one
-`m2det_jax.preprocess.normalize`, re-exported here for the pipeline).
+order and mean subtraction of `cfg.preprocess` are applied last, by
+`m2det_jax.preprocess.normalize` (in `data.iterator`, on the batch).
 
 Deviations (documented, small): PIL's resampling antialiases when shrinking (cv2 does
 not); eval uses `resize_bilinear`, a numpy port of cv2 INTER_LINEAR (half-pixel
@@ -37,7 +37,6 @@ import numpy as np
 from PIL import Image
 
 from m2det_jax import box_ops
-from m2det_jax.preprocess import normalize
 
 # cv2 linear, cubic, area, nearest, lanczos4 -> PIL (the original's random choice).
 INTERPOLATIONS = (

@@ -23,7 +23,8 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from m2det_jax.data import augment, records
+from m2det_jax.data import records
+from m2det_jax.preprocess import normalize
 
 # Per-example keys stacked into a batch (`mask` is added by the iterator).
 BATCH_KEYS = ("image", "boxes", "labels", "valid", "image_id", "image_sizes")
@@ -128,7 +129,7 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
                 examples.append(ex)
         self._emitted += 1
         batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in BATCH_KEYS}
-        batch["image"] = augment.normalize(batch["image"], *self._norm)
+        batch["image"] = normalize(batch["image"], *self._norm)
         batch["image"][~np.asarray(mask)] = 0.0
         batch["image_id"] = batch["image_id"].astype(np.int64)
         batch["image_sizes"] = batch["image_sizes"].astype(np.int32)

@@ -1,6 +1,6 @@
 """Backbones returning the two taps FFMv1 fuses: (shallow [B,H/8,W/8,C1], deep [B,H/16,W/16,C2]).
 
-VGG16-reduced (docs/original.md §1): taps after the conv4_3 ReLU (512 ch) and the conv7 ReLU
+VGG16-reduced (docs/original.md §1.1): taps after the conv4_3 ReLU (512 ch) and the conv7 ReLU
 (1024 ch). ResNet (§1.2): taps after layer2 and layer4, layer3 with stride 1 as the
 original builds it.
 """

@@ -14,7 +14,7 @@ from m2det_jax.models.mlfpn import SFAM, TUM, FFMv1, FFMv2
 from m2det_jax.priors import num_anchors
 
 # PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)), which the original keeps for
-# the loc/conf heads (docs/original.md §1); their biases are zeroed.
+# the loc/conf heads (docs/original.md §1.9); their biases are zeroed.
 _TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 

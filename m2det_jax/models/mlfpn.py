@@ -1,6 +1,6 @@
 """MLFPN: FFMv1, FFMv2, TUM and SFAM, named as in the paper (Zhao et al., AAAI 2019 §3).
 
-Layouts follow the official code (docs/original.md §1) so its checkpoints load unchanged.
+Layouts follow the official code (docs/original.md §1.3-1.6) so its checkpoints load unchanged.
 """
 
 from __future__ import annotations
