@@ -97,7 +97,8 @@ def _soft_nms_np(dets, p, max_steps=None):
 
 
 def _hard_nms_np(dets, p, max_keep=None):
-    order = np.argsort(-dets[:, 4], kind="stable")
+    """Greedy NMS in the original's order: `argsort()[::-1]`, the later of tied rows first."""
+    order = np.argsort(dets[:, 4], kind="stable")[::-1]
     one, alive, keep = F32(p.pixel_offset), np.ones(len(dets), bool), []
     area = (dets[:, 2] - dets[:, 0] + one) * (dets[:, 3] - dets[:, 1] + one)
     for i in order:

@@ -1,6 +1,6 @@
 """The XLA:CPU facts `m2det_jax.postprocess` is built on, measured side by side.
 
-    python benchmarks/postprocess_kernels.py [--min-s 1.0] [--skip-layouts]
+    python benchmarks/postprocess_kernels.py [--min-s 1.0] [--part all|kernels|layouts]
 
 Every speed-only piece of the package against the plain code it replaces, and the
 primitive facts behind the plain code's own form. Prints the CPU model, then:
@@ -25,6 +25,10 @@ primitive facts behind the plain code's own form. Prints the CPU model, then:
     implementation (`fast=False`) vs the fast path on a typical, a crowded and a dense
     batch.
 Each timing is the median of at least --min-s seconds of calls; the pairs run interleaved.
+`--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first (glibc keeps freed
+memory instead of unmapping it, for both sides of every pair): XLA:CPU allocates each
+call's temporaries afresh, and above glibc's mmap threshold every touched page faults, so
+the dense and crowded rows depend on the allocator's state by default.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from jax import lax
 from m2det_jax import postprocess as pp
 from m2det_jax import runtime
 from m2det_jax.config import default_config
-from m2det_jax.postprocess import layouts, loops, untied
+from m2det_jax.postprocess import layouts, loops, plain, scoring, untied
 from m2det_jax.priors import prior_boxes
 
 F32 = np.float32
@@ -60,7 +64,7 @@ def _pair(name, fa, fb, args_a, args_b, labels, min_s=1.0, jit=True):
             jax.block_until_ready(f(*a))
             ts.append(time.perf_counter() - t0)
     a_us, b_us = 1e6 * np.median(ta), 1e6 * np.median(tb)
-    print(f"{name:<36} {labels[0]:>24} {a_us:9.1f} us   {labels[1]:>24} {b_us:9.1f} us"
+    print(f"{name:<44} {labels[0]:>24} {a_us:9.1f} us   {labels[1]:>24} {b_us:9.1f} us"
           f"   {a_us / b_us:5.1f}x", flush=True)  # fmt: skip
 
 
@@ -156,14 +160,18 @@ def kernels(rng, min_s):
          functools.partial(cond_with, ops=0), (x,), (x,), ("100 sorts", "empty"))  # fmt: skip
 
 
-def layout_logits(rng, num_priors, counts, span):
+def layout_logits(rng, num_priors, counts, span, ties=True):
     """Logits [1, P, 81]: background wins everywhere except `counts[j]` priors of class
-    j + 1, drawn among the first `span` priors (scores ~0.9, equal rows tie exactly)."""
+    j + 1, a window of the first `span` priors (windows spread evenly, so that a prior
+    holds at most ~8 classes and each of them scores > 0.1). With `ties`, equal rows tie
+    exactly (then soft-NMS runs the untied loop and the C-order one); else the logits of a
+    class are distinct (and its scores practically never tie)."""
     logits = np.zeros((1, num_priors, 81), F32)
     logits[..., 0] = 5.0
     for j, n in enumerate(counts):
-        pick = rng.choice(span, n, replace=False)
-        logits[0, pick, j + 1] = 8.0 + 0.01 * j + rng.integers(0, 3, n)
+        pick = (j * span // len(counts) + np.arange(n)) % span
+        jitter = 0.1 * rng.integers(0, 2, n) if ties else 1e-4 * rng.permutation(n)
+        logits[0, pick, j + 1] = 8.0 + 0.01 * j + jitter
     return logits
 
 
@@ -176,8 +184,24 @@ LAYOUT_ROWS = {
     "sparse 512": ([150] * 12, 500, {"sparse_priors": 256}),
     "sparse 512 all": ([150] * 20, 500, {"sparse_priors": 256}),
     "all priors tiered": ([800] * 16 + [50] * 30, 12810, {"tier_classes": 0}),
-    "plain layout (dense)": ([800] * 40, 12810, {"fast": False}),
+    "plain layout, dense": ([800] * 40, 12810, {"fast": False}),
 }
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def tied_tasks(loc, logits, priors, hw, s):
+    """How many classes of a batch see a tied maximum in the untied soft-NMS loop (any
+    makes the C-order loop redo the batch), on the plain path's candidate buffers."""
+    scorer = scoring.LogitScorer(loc, logits, priors, hw, s.variance)
+    boxes, scores = scorer.boxes(), scorer.scores()
+    cls = jnp.swapaxes(scores[:, :, 1:], 1, 2)
+    above = cls > s.score_threshold
+    counts = jnp.sum(above, axis=2, dtype=jnp.int32)
+    kc = min(s.candidates_per_class, boxes.shape[1])
+    idx, vals, n = plain.candidates(jnp.where(above, cls, -1.0), counts, kc)
+    bx = boxes[0][jnp.minimum(idx, boxes.shape[1] - 1)]
+    d = loops.stack_buffer((bx[..., 0], bx[..., 1], bx[..., 2], bx[..., 3], vals), 1)
+    return jnp.sum(untied.soft_nms_untied(d, n, s, s.keep_per_class)[3])
 
 
 def layout_rows(rng, min_s):
@@ -200,13 +224,21 @@ def layout_rows(rng, min_s):
         alt_name = names[static.index(alt_layout)] if without.fast else "plain impl."
         args = (loc, logits, priors, hw)
         labels = (f"without: {alt_name}", f"with: {names[i]}")
+        if "dense" in row:
+            row += f" ({int(tied_tasks(*args, full))} tied)"
         _pair(f"detect 320 px, {row}", pp.make_detect_fn(without), pp.make_detect_fn(full),
               args, args, labels, min_s, jit=False)  # fmt: skip
-    for kind, (counts, span) in (("typical", ([40] * 5, 256)),
-                                 ("crowded", ([800] * 16 + [50] * 30, p))):  # fmt: skip
-        logits = jnp.asarray(layout_logits(rng, p, counts, span))
+    kinds = {
+        "typical": ([40] * 5, 256, True),
+        "crowded": ([800] * 16 + [50] * 30, p, True),
+        "dense, no exact ties": ([800] * 40, p, False),
+    }
+    for kind, (counts, span, ties) in kinds.items():
+        logits = jnp.asarray(layout_logits(rng, p, counts, span, ties))
         loc = jnp.asarray((rng.standard_normal((1, p, 4)) * 0.3).astype(F32))
         args = (loc, logits, priors, hw)
+        if kind.startswith("dense"):
+            kind += f" ({int(tied_tasks(*args, full))} tied)"
         _pair(f"detect 320 px, {kind}", pp.make_detect_fn(dataclasses.replace(full, fast=False)),
               pp.make_detect_fn(full), args, args, ("plain implementation", "fast path"), min_s,
               jit=False)  # fmt: skip
@@ -215,13 +247,21 @@ def layout_rows(rng, min_s):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--min-s", type=float, default=1.0, help="seconds of calls per side")
-    ap.add_argument("--skip-layouts", action="store_true", help="only the kernel rows")
+    ap.add_argument("--part", choices=("all", "kernels", "layouts"), default="all",
+                    help="print only the kernel rows or only the detect rows")  # fmt: skip
+    ap.add_argument("--malloc", choices=("default", "kept"), default="default",
+                    help="kept: glibc keeps freed memory (runtime.keep_freed_memory)")  # fmt: skip
     args = ap.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, CPU: {runtime.cpu_model()}")
+    malloc = args.malloc
+    if malloc == "kept" and not runtime.keep_freed_memory():
+        malloc = "default (keep_freed_memory unavailable: not glibc)"
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, CPU: {runtime.cpu_model()}, "
+          f"malloc {malloc}")  # fmt: skip
     rng = np.random.default_rng(0)
-    kernels(rng, args.min_s)
-    if not args.skip_layouts:
-        layout_rows(rng, args.min_s)
+    if args.part in ("all", "kernels"):
+        kernels(rng, args.min_s)
+    if args.part in ("all", "layouts"):
+        layout_rows(np.random.default_rng(1), args.min_s)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,10 @@ def decode(loc: jnp.ndarray, priors: jnp.ndarray, variance=(0.1, 0.2)) -> jnp.nd
     """Regressions -> xyxy boxes (not clipped). x2y2 = x1y1 + wh, as the original.  # [..., 4]"""
     # The products are kept out of fused multiply-adds (`no_fma`), as in the original's
     # separate tensor ops, so every XLA program decodes a prior to the same float32 box.
-    centre = priors[..., :2] + no_fma(loc[..., :2] * variance[0] * priors[..., 2:])
+    # (loc * variance) is rounded before the product with the prior size, as the original's
+    # left-to-right tensor ops do (XLA may otherwise reassociate the two products when the
+    # priors are broadcast over a batch, which moves a box by an ulp).
+    centre = priors[..., :2] + no_fma(no_fma(loc[..., :2] * variance[0]) * priors[..., 2:])
     wh = no_fma(priors[..., 2:] * jnp.exp(loc[..., 2:] * variance[1]))
     x1y1 = centre - wh / 2
     return jnp.concatenate([x1y1, x1y1 + wh], axis=-1)

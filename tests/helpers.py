@@ -37,7 +37,7 @@ def assert_same_detections(got, want, box_atol=1e-4, score_atol=1e-6, keys=("cla
     np.testing.assert_allclose(got["scores"][m], want["scores"][m], atol=score_atol)
 
 
-# Small NMS work: the tests are about plumbing, not NMS (tested in test_postprocess.py).
+# Small NMS work: the tests are about plumbing, not NMS (tested in tests/test_postprocess_*.py).
 OVERRIDES = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50"]
 
 

@@ -268,7 +268,7 @@ def test_fast_equals_plain_on_random_batches(method, offset, max_per_image, cpc)
 
 def test_fast_equals_plain_over_1000_candidates():
     """A class with ~2100 candidates, beyond candidates_per_class = 1000 (dropped and
-    counted) and with it (2304): fast = plain, soft and hard."""
+    counted) and within it (2304): fast = plain, soft and hard, detect and nms."""
     rng = np.random.default_rng(5)
     loc, logits, priors = clustered_case(rng, 1, 2500, 3, palette=40, dup_frac=0.02)
     logits[0, :2100, 1] += 6.0
@@ -281,3 +281,6 @@ def test_fast_equals_plain_over_1000_candidates():
         got = jax.tree.map(np.asarray, pp.detect(loc, logits, priors, fast, hw))
         assert_same(got, want)
         assert (want["num_dropped"][0, 1] > 1000) == (cpc == 1000)
+        boxes, scores = pp.decode_and_score(loc, logits, priors, cfg)
+        want = jax.tree.map(np.asarray, pp.nms(boxes, scores, slow, hw))
+        assert_same(jax.tree.map(np.asarray, pp.nms(boxes, scores, fast, hw)), want)

@@ -8,7 +8,8 @@ Two entry points, both one jitted XLA computation for a whole batch with fixed s
 * `nms(boxes, scores, cfg, image_sizes=None)`: the same NMS on boxes that are already
   decoded (normalized xyxy) with class probabilities, e.g. the merged candidates of
   several test-time-augmentation passes. `nms(*decode_and_score(loc, logits, priors,
-  cfg), cfg, image_sizes)` is `detect(loc, logits, priors, cfg, image_sizes)`.
+  cfg), cfg, image_sizes)` gives `detect(loc, logits, priors, cfg, image_sizes)`'s rows
+  (up to the last-bit rounding described at the end).
 
 What they compute:
 
@@ -69,7 +70,7 @@ Float32 exactness: XLA:CPU contracts `a * b + c` into fused multiply-adds, which
 original's C float code does not; the IoU guards its products against contraction, and
 `box_ops.decode` and `box_ops.scale_xyxy` do too, so IoU and decayed scores are
 bit-identical to the C loop for identical input boxes. Between programs, two things can
-differ in the last bit (both within 1e-6 of the original's values):
+differ in the last bit (an ulp or two, within 1e-6 of the original's scores):
 * the sparse layouts of `detect` soft-max only the gathered rows of the priors that may
   hold a candidate, and XLA may sum a [B, U, C] array's classes in another order than a
   [B, P, C] array's (all priors: `decode_and_score`, the plain path, the all-priors

@@ -32,28 +32,6 @@ from m2det_jax import box_ops
 from m2det_jax.postprocess.arrays import IN_BOUNDS, take
 
 
-def decode_boxes(loc, priors, image_sizes, variance):
-    """[B, U, 4] regressions, [U, 4] or [B, U, 4] priors, [B, 2] | None -> xyxy [B, U, 4]
-    (pixels of image_sizes or normalized), products kept out of fused multiply-adds."""
-    boxes = box_ops.decode(loc.astype(jnp.float32), priors.astype(jnp.float32), variance)
-    if image_sizes is not None:
-        boxes = box_ops.scale_xyxy(boxes, image_sizes)
-    return boxes
-
-
-def softmax_parts(logits: jnp.ndarray):
-    """Row max and row sum of exp of the softmax over classes: [B, P, C] -> 2 x [B, P, 1].
-
-    `softmax_rows` then gives jax.nn.softmax's formula (exp(x - max) / sum).
-    """
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    return m, jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
-
-
-def softmax_rows(logits, m, total):
-    return jnp.exp(logits - m) / total
-
-
 def decode_and_score(loc, logits, priors, image_sizes, variance):
     """The original's `Detect` for a batch: boxes [B, P, 4] xyxy, scores [B, P, C]."""
     logits = logits.astype(jnp.float32)
@@ -64,17 +42,6 @@ def decode_and_score(loc, logits, priors, image_sizes, variance):
 @functools.cache
 def jitted_decode_and_score(variance):
     return jax.jit(functools.partial(decode_and_score, variance=variance))
-
-
-def foreground_any(passes: jnp.ndarray) -> jnp.ndarray:
-    """[B, P, C] bool -> [B, P]: whether some class c >= 1 passes.
-
-    An int8 max: XLA:CPU splits this row reduction and materializes its input, and one
-    byte per logit is 4x less than a count's int32 (int8 max also ran 25-40% faster than
-    a bool `any` here, timed ad hoc).
-    """
-    foreground = jnp.arange(passes.shape[-1]) >= 1
-    return jnp.max((foreground & passes).astype(jnp.int8), axis=-1) > 0
 
 
 class LogitScorer:
@@ -106,7 +73,8 @@ class LogitScorer:
         return softmax_rows(logits, *softmax_parts(logits))
 
     def maybe_candidates(self, score_threshold: float) -> jnp.ndarray:
-        """Speed only: [B, P] bool, a superset of the priors with a candidate, without exp.
+        """Speed only: [B, P] bool, a superset of the priors with a candidate, without exp
+        (it picks the sparse layouts' priors; their benchmark rows are in layouts.py).
 
         A score is exp(l - max) / sum with sum >= 1, so score > t needs exp(l - max) > t,
         i.e. l - max > log t, hence l - l0 > log t (max >= l0, and float subtraction is
@@ -152,3 +120,36 @@ class ProbabilityScorer:
     def maybe_candidates(self, score_threshold: float) -> jnp.ndarray:
         """Speed only: [B, P] bool, exactly the priors with a candidate."""
         return foreground_any(self.probs > score_threshold)
+
+
+def decode_boxes(loc, priors, image_sizes, variance):
+    """[B, U, 4] regressions, [U, 4] or [B, U, 4] priors, [B, 2] | None -> xyxy [B, U, 4]
+    (pixels of image_sizes or normalized), products kept out of fused multiply-adds."""
+    boxes = box_ops.decode(loc.astype(jnp.float32), priors.astype(jnp.float32), variance)
+    if image_sizes is not None:
+        boxes = box_ops.scale_xyxy(boxes, image_sizes)
+    return boxes
+
+
+def softmax_parts(logits: jnp.ndarray):
+    """Row max and row sum of exp of the softmax over classes: [B, P, C] -> 2 x [B, P, 1].
+
+    `softmax_rows` then gives jax.nn.softmax's formula (exp(x - max) / sum).
+    """
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    return m, jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
+
+
+def softmax_rows(logits, m, total):
+    return jnp.exp(logits - m) / total
+
+
+def foreground_any(passes: jnp.ndarray) -> jnp.ndarray:
+    """[B, P, C] bool -> [B, P]: whether some class c >= 1 passes.
+
+    An int8 max: XLA:CPU splits this row reduction and materializes its input, and one
+    byte per logit is 4x less than a count's int32 (int8 max also ran 25-40% faster than
+    a bool `any` here, timed ad hoc).
+    """
+    foreground = jnp.arange(passes.shape[-1]) >= 1
+    return jnp.max((foreground & passes).astype(jnp.int8), axis=-1) > 0
