@@ -39,9 +39,9 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--flags", choices=("both", "default", "conv"), default="both",
                     help="XLA:CPU flags: default, runtime.CPU_CONV_FLAGS, or both side by side")
-    ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--measure_one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._measure:
+    if args.measure_one:
         return measure(args)
     settings = ["default", "conv"] if args.flags == "both" else [args.flags]
     if "conv" in settings and not runtime.cpu_conv_flags_supported():
@@ -51,7 +51,7 @@ def main():
           f"{os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
     for setting in settings:  # one subprocess per setting (XLA reads flags at start)
-        cmd = [sys.executable, __file__, "--_measure", "--flags", setting, "--batch",
+        cmd = [sys.executable, __file__, "--measure_one", "--flags", setting, "--batch",
                str(args.batch), "--iters", str(args.iters), "--dtype", args.dtype,
                "--configs", *args.configs]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

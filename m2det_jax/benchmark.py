@@ -76,13 +76,13 @@ def run_benchmark(
         "cpu": runtime.cpu_model(),
     }
     infer = make_predict_fn(cfg)
-    hw1 = jnp.full((1, 2), float(s), jnp.float32)
-    c, sec = _timed(infer, (variables, x1, hw1), iters)
+    sizes1 = jnp.full((1, 2), float(s), jnp.float32)
+    c, sec = _timed(infer, (variables, x1, sizes1), iters)
     out["paper"] = {"compile_s": c, "s_per_img": sec, "fps": 1.0 / sec}
 
     xb = _images(cfg, batch, seed=1)
-    hwb = jnp.full((batch, 2), float(s), jnp.float32)
-    c, sec = _timed(infer, (variables, xb, hwb), max(1, iters // 2))
+    sizes_b = jnp.full((batch, 2), float(s), jnp.float32)
+    c, sec = _timed(infer, (variables, xb, sizes_b), max(1, iters // 2))
     out["throughput"] = {"compile_s": c, "s_per_img": sec / batch, "img_per_s": batch / sec}
 
     net = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -91,8 +91,8 @@ def run_benchmark(
     for name, c_pp in (("postprocess_original", cfg), ("postprocess_standard",
                                                         standard_postprocess(cfg))):  # fmt: skip
         detect_fn = make_detect_fn(c_pp)
-        fn = jax.jit(lambda loc, logits, hw, f=detect_fn: f(loc, logits, priors, hw))
-        args = (raw["loc"], raw["logits"], hw1)
+        fn = jax.jit(lambda loc, logits, sizes, f=detect_fn: f(loc, logits, priors, sizes))
+        args = (raw["loc"], raw["logits"], sizes1)
         c, sec = _timed(fn, args, iters)
         n = int(np.asarray(fn(*args)["valid"]).sum())
         out[name] = {"compile_s": c, "s_per_img": sec, "detections": n}

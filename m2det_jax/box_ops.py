@@ -65,6 +65,14 @@ def xyxy_to_xywh(boxes, pixel_offset: float = 0.0):
                           axis=-1)  # fmt: skip
 
 
+def hflip_xyxy(boxes):
+    """Normalized xyxy boxes of a horizontally flipped image -> the unflipped image's
+    (x1' = 1 - x2, x2' = 1 - x1)."""
+    xp = _xp(boxes)
+    return xp.stack([1.0 - boxes[..., 2], boxes[..., 1], 1.0 - boxes[..., 0], boxes[..., 3]],
+                    axis=-1)  # fmt: skip
+
+
 def scale_xyxy(boxes, image_sizes):
     """Normalized xyxy [B, N, 4] times (width, height) of `image_sizes` [B, 2] (height,
     width) -> pixels. Kept out of a fused multiply-add with later differences (`no_fma`)."""

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from m2det_jax import box_ops
 from m2det_jax import sharding as shd
 from m2det_jax.data.augment import resize_bilinear
 from m2det_jax.models import build_model
@@ -96,11 +97,6 @@ def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
 # ---------------------------------------------------------------------------------- TTA
 
 
-def _mirror(boxes: jnp.ndarray) -> jnp.ndarray:
-    """Normalized xyxy boxes of a horizontally flipped image -> the unflipped image's."""
-    return jnp.stack([1.0 - boxes[..., 2], boxes[..., 1], 1.0 - boxes[..., 0], boxes[..., 3]], -1)
-
-
 def _passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
     """(variables, x [B, S, S, 3]) -> [(boxes [B, P, 4] normalized, scores [B, P, C]), ...]:
     the plain pass and, with `flip`, the flipped one mirrored back (one forward of 2B)."""
@@ -115,7 +111,7 @@ def _passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
         boxes, scores = decode_and_score(out["loc"], out["logits"], priors, cfg_s)
         result = [(boxes[:b], scores[:b])]
         if flip:
-            result.append((_mirror(boxes[b:]), scores[b:]))
+            result.append((box_ops.hflip_xyxy(boxes[b:]), scores[b:]))
         return result
 
     return passes

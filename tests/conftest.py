@@ -1,5 +1,6 @@
 """Session fixtures; shared helpers live in `tests/helpers.py`."""
 
+import jax
 import pytest
 import tensorflow_datasets as tfds
 
@@ -24,3 +25,11 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_builder(shapes):
     return shapes[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module: one process runs the whole
+    suite, and hundreds of cached XLA:CPU executables (each with its buffers) add up."""
+    yield
+    jax.clear_caches()

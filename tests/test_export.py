@@ -11,9 +11,9 @@ import pytest
 
 from m2det_jax import load_config
 from m2det_jax.checkpoints import load_variables, save_variables
-from m2det_jax.data.augment import normalize
 from m2det_jax.export import export, load_saved_model, load_serving, savedmodel_available
 from m2det_jax.predict import make_predict_fn
+from m2det_jax.preprocess import normalize
 from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
 
 
