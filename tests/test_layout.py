@@ -128,3 +128,12 @@ def test_nothing_imports_the_entry_points():
 def test_docstrings_do_not_point_outside_the_repository():
     for mod, path in MODULES.items():
         assert "ORIGINAL.md" not in open(path).read(), mod
+
+
+def test_tests_import_helpers_not_other_test_modules():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    for f in sorted(os.listdir(tests_dir)):
+        if f.endswith(".py"):
+            for name, line, _ in _imports(os.path.join(tests_dir, f)):
+                assert not name.startswith("tests.test_"), f"{f}:{line} imports {name}"
+                assert name != "conftest", f"{f}:{line} imports conftest"

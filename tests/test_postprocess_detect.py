@@ -1,5 +1,5 @@
 """detect(): decode + per-class (soft-)NMS + per-image cap vs the numpy emulation of the
-original's Detect / nms_process / cpu_soft_nms (tests/test_postprocess_reference.py).
+original's Detect / nms_process / cpu_soft_nms (tests/postprocess_reference.py).
 """
 
 import dataclasses
@@ -12,9 +12,10 @@ from m2det_jax import postprocess as pp
 from m2det_jax.config import default_config
 from m2det_jax.postprocess import layouts
 from m2det_jax.priors import prior_boxes
-from tests.test_postprocess_reference import (
+from tests.postprocess_reference import (
     F32,
     assert_matches,
+    case_81_classes,
     class_rows,
     clustered_case,
     decode_ref,
@@ -223,16 +224,7 @@ def test_81_classes_full_size_priors():
     priors = prior_boxes(cfg)
     rng = np.random.default_rng(7)
     p = len(priors)
-    loc = (rng.standard_normal((2, p, 4)) * 0.3).astype(F32)
-    logits = rng.standard_normal((2, p, 81)).astype(F32)
-    logits[0, :, 0] += 6.0
-    logits[1, :, 0] += 3.5
-    for b, n_obj, half in ((0, 4, 0.03), (1, 12, 0.06)):
-        for _ in range(n_obj):
-            c = rng.integers(1, 81)
-            near = np.abs(priors[:, :2] - rng.uniform(0.2, 0.8, 2)).max(1) < half
-            logits[b, near, c] += rng.uniform(5, 9, near.sum())
-    hw = np.array([[480, 640]], F32)
+    loc, logits, hw = case_81_classes(priors, rng)
     settings = pp.PostprocessSettings.from_config(cfg)
     us = [u for u, _ in layouts.static_layouts(80, p, 1000, settings)]
     assert us == [settings.fast_priors] * 4 + [settings.sparse_priors] * 2 + [p, p]

@@ -13,7 +13,7 @@ import pytest
 
 from m2det_jax import postprocess as pp
 from m2det_jax.postprocess import layouts, loops, plain, scoring, tasks, untied
-from tests.test_postprocess_reference import F32, clustered_case, make_cfg
+from tests.postprocess_reference import F32, clustered_case, make_cfg
 
 KEYS = ("boxes", "scores", "classes", "valid", "num_dropped", "num_tie_dropped")
 

@@ -16,7 +16,7 @@ import pytest
 
 from m2det_jax import postprocess as pp
 from m2det_jax.priors import prior_boxes
-from tests.test_postprocess_reference import F32, clustered_case, make_cfg
+from tests.postprocess_reference import F32, case_81_classes, clustered_case, make_cfg
 
 EXACT = ("classes", "valid", "num_dropped", "num_tie_dropped")
 
@@ -83,18 +83,7 @@ def test_nms_equals_detect_on_81_classes():
     layout) and a crowded one (all priors)."""
     cfg = make_cfg()
     priors = prior_boxes(cfg)
-    rng = np.random.default_rng(7)
-    p = len(priors)
-    loc = (rng.standard_normal((2, p, 4)) * 0.3).astype(F32)
-    logits = rng.standard_normal((2, p, 81)).astype(F32)
-    logits[0, :, 0] += 6.0
-    logits[1, :, 0] += 3.5
-    for b, n_obj, half in ((0, 4, 0.03), (1, 12, 0.06)):
-        for _ in range(n_obj):
-            c = rng.integers(1, 81)
-            near = np.abs(priors[:, :2] - rng.uniform(0.2, 0.8, 2)).max(1) < half
-            logits[b, near, c] += rng.uniform(5, 9, near.sum())
-    hw = np.array([[480, 640]], F32)
+    loc, logits, hw = case_81_classes(priors, np.random.default_rng(7))
     for b in range(2):  # one image at a time: test_81_classes_full_size_priors's shapes
         want = tree_np(pp.detect(loc[b : b + 1], logits[b : b + 1], priors, cfg, hw))
         boxes, scores = pp.decode_and_score(loc[b : b + 1], logits[b : b + 1], priors, cfg)
