@@ -1,6 +1,7 @@
 """`runtime.keep_freed_memory`: glibc keeps a freed 64 MB buffer (resident) for reuse
 instead of unmapping it; without it the same buffer is returned to the OS."""
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,21 @@ def test_keep_freed_memory_keeps_a_freed_buffer_resident():
 
     assert grown("default") < 16  # unmapped on free
     assert grown("kept") > 48  # kept in the heap
+
+
+def test_cpu_conv_flags_are_opt_in_and_added_once(monkeypatch, tmp_path):
+    from m2det_jax import cli, runtime
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.delenv("M2DET_XLA_CPU_CONV_FLAGS", raising=False)
+    with pytest.raises(SystemExit, match="config file not found"):  # stops before any work
+        cli.main(["summary", "--config", str(tmp_path / "missing.py")])
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"  # untouched
+    if not runtime.cpu_conv_flags_supported():
+        assert not runtime.use_cpu_conv_flags()
+        return
+    with pytest.raises(SystemExit, match="config file not found"):
+        cli.main(["summary", "--xla_cpu_conv_flags", "--config", str(tmp_path / "missing.py")])
+    assert runtime.use_cpu_conv_flags()  # a second time adds nothing
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                       + runtime.CPU_CONV_FLAGS)  # fmt: skip
