@@ -81,11 +81,6 @@ def scale_xyxy(boxes, image_sizes):
     return no_fma(boxes * scale[:, None, :])
 
 
-def point_form(priors: jnp.ndarray) -> jnp.ndarray:
-    """Priors (cx, cy, w, h) -> xyxy, the name the loss uses (= `cxcywh_to_xyxy`)."""
-    return cxcywh_to_xyxy(priors)
-
-
 def no_fma(x: jnp.ndarray) -> jnp.ndarray:
     """Identity on finite float32 values that XLA cannot fuse into a multiply-add.
 

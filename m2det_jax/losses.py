@@ -34,7 +34,7 @@ def _match_one(
       labels: [G] int, 1..C-1.
       valid: [G] bool.
       priors: [P, 4] (cx, cy, w, h).
-      priors_xyxy: [P, 4] `point_form(priors)`.
+      priors_xyxy: [P, 4] `box_ops.cxcywh_to_xyxy(priors)`.
 
     Returns:
       loc_t [P, 4] encoded targets (0 where the prior is not positive) and conf_t [P]
@@ -98,7 +98,7 @@ def match(
       loc_t [B, P, 4] float32 (zero for non-positive priors) and conf_t [B, P] int32.
     """
     priors = jnp.asarray(priors, jnp.float32)
-    priors_xyxy = box_ops.point_form(priors)
+    priors_xyxy = box_ops.cxcywh_to_xyxy(priors)
     boxes = jax.lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
     variance = tuple(float(v) for v in variance)
     fn = lambda b, lab, v: _match_one(b, lab, v, priors, priors_xyxy, overlap_thresh, variance)

@@ -62,14 +62,6 @@ def _cached(build: Callable, cfg: ml_collections.ConfigDict, *key) -> Callable:
 _CACHE: dict[tuple, Callable] = {}
 
 
-def _jit(fn, mesh: Mesh | None, num_batched: int):
-    """jit with the variables replicated and `num_batched` batch-sharded arguments."""
-    if mesh is None:
-        return jax.jit(fn)
-    batch = shd.batch_sharding(mesh)
-    return jax.jit(fn, in_shardings=(shd.replicated(mesh), *([batch] * num_batched)))
-
-
 # ---------------------------------------------------------------------------- one pass
 
 
@@ -91,7 +83,10 @@ def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
         out = model.apply(variables, images, train=False)
         return detect_fn(out["loc"], out["logits"], priors, image_sizes)
 
-    return _jit(predict, mesh, 2)
+    if mesh is None:
+        return jax.jit(predict)
+    batch = shd.batch_sharding(mesh)
+    return jax.jit(predict, in_shardings=(shd.replicated(mesh), batch, batch))
 
 
 # ---------------------------------------------------------------------------------- TTA

@@ -18,6 +18,16 @@ from m2det_jax.config import default_config
 
 F32 = np.float32
 
+# The settings every method-level test runs: method, pixel_offset, max_per_image.
+CASES = [
+    ("soft_linear", 1, 0),  # the original
+    ("soft_linear", 0, 40),
+    ("soft_gaussian", 1, 40),
+    ("soft_gaussian", 0, 0),
+    ("hard", 1, 0),
+    ("hard", 0, 40),
+]
+
 
 # ------------------------------------------------------------------ numpy reference
 def softmax_ref(x):

@@ -13,6 +13,7 @@ from m2det_jax.config import default_config
 from m2det_jax.postprocess import layouts
 from m2det_jax.priors import prior_boxes
 from tests.postprocess_reference import (
+    CASES,
     F32,
     assert_matches,
     case_81_classes,
@@ -41,16 +42,6 @@ def test_decode_and_score_matches_numpy():
                                    rtol=0, atol=1e-3)  # fmt: skip
         np.testing.assert_allclose(nboxes[b], decode_ref(loc[b], priors, (0.1, 0.2)),
                                    rtol=0, atol=1e-6)  # fmt: skip
-
-
-CASES = [  # method, pixel_offset, max_per_image
-    ("soft_linear", 1, 0),  # the original
-    ("soft_linear", 0, 40),
-    ("soft_gaussian", 1, 40),
-    ("soft_gaussian", 0, 0),
-    ("hard", 1, 0),
-    ("hard", 0, 40),
-]
 
 
 @pytest.mark.parametrize("method,offset,max_per_image", CASES)

@@ -16,7 +16,7 @@ import pytest
 
 from m2det_jax import postprocess as pp
 from m2det_jax.priors import prior_boxes
-from tests.postprocess_reference import F32, case_81_classes, clustered_case, make_cfg
+from tests.postprocess_reference import CASES, F32, case_81_classes, clustered_case, make_cfg
 
 EXACT = ("classes", "valid", "num_dropped", "num_tie_dropped")
 
@@ -31,16 +31,6 @@ def assert_same_rows(got, want):
 
 def tree_np(x):
     return jax.tree.map(np.asarray, x)
-
-
-CASES = [  # method, pixel_offset, max_per_image (test_postprocess_detect.py's cases)
-    ("soft_linear", 1, 0),
-    ("soft_linear", 0, 40),
-    ("soft_gaussian", 1, 40),
-    ("soft_gaussian", 0, 0),
-    ("hard", 1, 0),
-    ("hard", 0, 40),
-]
 
 
 @pytest.mark.parametrize("method,offset,max_per_image", CASES)
