@@ -28,6 +28,7 @@ from m2det_jax import runtime
 from m2det_jax.models import build_model
 from m2det_jax.postprocess import make_detect_fn, standard_postprocess
 from m2det_jax.predict import make_predict_fn
+from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
 from m2det_jax.stats import count_macs
 
@@ -45,9 +46,9 @@ def _timed(fn, args, iters: int) -> tuple[float, float]:
 
 
 def _images(cfg, batch: int, seed: int = 0) -> jnp.ndarray:
-    """Preprocessed-looking random inputs [batch, S, S, 3] (pixels minus means)."""
+    """Random uint8 RGB images [batch, S, S, 3] (what `make_predict_fn` takes)."""
     s = cfg.model.input_size
-    return jnp.asarray(np.random.default_rng(seed).normal(0, 50, (batch, s, s, 3)), jnp.float32)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, s, s, 3), np.uint8))
 
 
 def run_benchmark(
@@ -62,7 +63,7 @@ def run_benchmark(
       "postprocess_standard" (detect alone, batch 1, with "detections").
     """
     model = build_model(cfg)
-    x1 = _images(cfg, 1)
+    x1 = preprocess(_images(cfg, 1), cfg)
     random_weights = variables is None
     if variables is None:
         variables = jax.jit(model.init)(jax.random.key(0), x1)
@@ -77,7 +78,7 @@ def run_benchmark(
     }
     infer = make_predict_fn(cfg)
     sizes1 = jnp.full((1, 2), float(s), jnp.float32)
-    c, sec = _timed(infer, (variables, x1, sizes1), iters)
+    c, sec = _timed(infer, (variables, _images(cfg, 1), sizes1), iters)
     out["paper"] = {"compile_s": c, "s_per_img": sec, "fps": 1.0 / sec}
 
     xb = _images(cfg, batch, seed=1)
@@ -134,7 +135,7 @@ def forward_speed(cfg: ml_collections.ConfigDict, variables=None, batch: int = 1
     GFLOP/s (2 x MACs / time); random weights when `variables` is None."""
     model = build_model(cfg)
     s = cfg.model.input_size
-    x = _images(cfg, batch)
+    x = preprocess(_images(cfg, batch), cfg)
     if variables is None:
         variables = jax.jit(model.init)(jax.random.key(0), x[:1])
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))

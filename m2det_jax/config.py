@@ -116,6 +116,13 @@ def default_config() -> ml_collections.ConfigDict:
     # grain worker processes; 0 = in-process; -1 = auto (0 on <= 2 CPUs, else
     # min(8, cpu_count - 1)).
     c.data.num_workers = -1
+    # Batches placed on the devices ahead of the step that uses them (0: none).
+    c.data.prefetch = 2
+    # Augment on the accelerator inside the jitted train step (`data.device_augment`):
+    # the host only decodes and pads onto a device_canvas x device_canvas uint8 canvas
+    # (larger images shrunk to fit). Same distributions as the host path, not its bits.
+    c.data.augment_on_device = False
+    c.data.device_canvas = 640
     # coco_folder only: split "train" from image_dir + annotation_file, and "validation"
     # from eval_image_dir (default image_dir) + eval_annotation_file when that is set.
     c.data.image_dir = ml_collections.FieldReference(None, field_type=str)
@@ -156,6 +163,11 @@ def validate(cfg) -> None:
         )
     if cfg.postprocess.pixel_offset not in (0, 1):
         raise ValueError(f"postprocess.pixel_offset={cfg.postprocess.pixel_offset}: 0 or 1")
+    d = cfg.data
+    if d.get("prefetch", 0) < 0:
+        raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0")
+    if d.get("augment_on_device", False) and d.device_canvas < 1:
+        raise ValueError(f"data.device_canvas={d.device_canvas}: a canvas side >= 1")
     if len(cfg.anchors.variance) != 2:
         raise ValueError(f"anchors.variance={cfg.anchors.variance}: two values")
     # Geometry: raises with the offending size if the TUM cannot be built.

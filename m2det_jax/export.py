@@ -18,7 +18,7 @@
   - `out/serving.json`: what the served function takes and returns.
 
 The served function: `fn(images, image_sizes)` with `images` uint8 RGB [B, S, S, 3] already
-resized to the config's input size S (cv2-style bilinear, see `predict.prepare_images`) and
+resized to the config's input size S (cv2 INTER_LINEAR, see `predict.prepare_images`) and
 `image_sizes` float32 [B, 2] (height, width) of the original images; it applies the
 config's channel order / means / scale (`preprocess.preprocess`, inside the program) and
 returns `postprocess.detect`'s fixed-size dict (boxes in
@@ -44,7 +44,6 @@ from jax._src.lib.mlir.dialects import hlo
 
 from m2det_jax.checkpoints import save_variables
 from m2det_jax.predict import make_predict_fn
-from m2det_jax.preprocess import preprocess
 
 SERVING_FILE = "serving.jax_export"
 SAVED_MODEL_DIR = "saved_model"
@@ -75,7 +74,7 @@ def make_serving_fn(cfg: ml_collections.ConfigDict, variables) -> Callable[..., 
         v = jax.tree.map(
             lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, variables
         )
-        return predict(v, preprocess(images, cfg), image_sizes.astype(jnp.float32))
+        return predict(v, images, image_sizes.astype(jnp.float32))
 
     return fn
 
@@ -228,7 +227,7 @@ def export(
         "format": serving,
         "input_size": int(cfg.model.input_size),
         "inputs": {
-            "images": "uint8 RGB [B, S, S, 3], resized to S x S (cv2-style bilinear)",
+            "images": "uint8 RGB [B, S, S, 3], resized to S x S (cv2 INTER_LINEAR)",
             "image_sizes": "float32 [B, 2] (height, width) of the original images",
         },
         "preprocess_inside": {

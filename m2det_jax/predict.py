@@ -3,14 +3,15 @@ augmentation. Evaluation, `m2det detect`, export and the speed benchmark all use
 never each other).
 
 * `make_predict_fn(cfg, mesh)`: jit(variables, images, image_sizes) -> `detect`'s dict for
-  network inputs (already preprocessed) at `cfg.model.input_size`; batch-sharded on a mesh.
+  uint8 RGB images already resized to `cfg.model.input_size`; `preprocess` (channel order,
+  means, scale) runs inside the program, so only uint8 crosses to the device.
 * `make_tta_fn(cfg, sizes, flip, mesh)`: the paper's multi-scale (+ flip) setting (M2Det
   Table 1, "multi-scale"): every pass is decoded to normalized boxes and class
   probabilities, flipped passes are mirrored back (x1' = 1 - x2), all candidates of an image
   are concatenated and suppressed once more by the public `postprocess.nms`. One jitted
   program for the whole batch, sharded like the plain one.
 * `prepare_images` / `make_detector`: uint8 RGB images of any size -> numpy detections in
-  their pixels (resize, `preprocess`, pad to a fixed batch, predict).
+  their pixels (resize as the eval pipeline does, pad to a fixed batch, predict).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 
 from m2det_jax import box_ops
 from m2det_jax import sharding as shd
-from m2det_jax.data.augment import resize_bilinear
+from m2det_jax.data.augment import resize
 from m2det_jax.models import build_model
 from m2det_jax.postprocess import decode_and_score, make_detect_fn, make_nms_fn
 from m2det_jax.preprocess import preprocess
@@ -66,8 +67,9 @@ _CACHE: dict[tuple, Callable] = {}
 
 
 def make_predict_fn(cfg: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Callable:
-    """jit((variables, images [B, S, S, 3] network input, image_sizes [B, 2]) -> detections).
+    """jit((variables, images uint8 [B, S, S, 3] RGB, image_sizes [B, 2]) -> detections).
 
+    `images` may also be float RGB pixels (0..255); `preprocess` is applied inside.
     Detections are `postprocess.detect`'s dict, boxes in pixels of `image_sizes` (height,
     width). Built once per (config, mesh).
     """
@@ -80,7 +82,7 @@ def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
     detect_fn = make_detect_fn(cfg)
 
     def predict(variables, images, image_sizes):
-        out = model.apply(variables, images, train=False)
+        out = model.apply(variables, preprocess(images, cfg), train=False)
         return detect_fn(out["loc"], out["logits"], priors, image_sizes)
 
     if mesh is None:
@@ -93,13 +95,15 @@ def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
 
 
 def _passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
-    """(variables, x [B, S, S, 3]) -> [(boxes [B, P, 4] normalized, scores [B, P, C]), ...]:
-    the plain pass and, with `flip`, the flipped one mirrored back (one forward of 2B)."""
+    """(variables, x uint8 [B, S, S, 3] RGB) -> [(boxes [B, P, 4] normalized, scores [B, P,
+    C]), ...]: the plain pass and, with `flip`, the flipped one mirrored back (one forward
+    of 2B)."""
     model = build_model(cfg_s)
     priors = jnp.asarray(prior_boxes(cfg_s))
 
     def passes(variables, x):
         b = x.shape[0]
+        x = preprocess(x, cfg_s)
         if flip:
             x = jnp.concatenate([x, x[:, :, ::-1]])
         out = model.apply(variables, x, train=False)
@@ -120,8 +124,8 @@ def make_tta_fn(
 ) -> Callable:
     """jit((variables, images, image_sizes [B, 2]) -> detections) with test-time augmentation.
 
-    `images` is a tuple with one network input [B, S_i, S_i, 3] per size of `sizes` (default
-    `tta_sizes(cfg)`), each resized from the original image. `flip` (default cfg.tta.flip)
+    `images` is a tuple with one uint8 RGB image batch [B, S_i, S_i, 3] per size of `sizes`
+    (default `tta_sizes(cfg)`), each resized from the original image. `flip` (default cfg.tta.flip)
     adds mirrored passes. The output has the same K as a plain `detect` for `cfg`.
     """
     sizes = tuple(int(v) for v in (sizes or tta_sizes(cfg) or (cfg.model.input_size,)))
@@ -162,19 +166,19 @@ def tta_passes(variables, images: Sequence[np.ndarray], cfg, sizes: Sequence[int
 def prepare_images(
     images: Sequence[np.ndarray], cfg: ml_collections.ConfigDict, size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 RGB images of any sizes -> (network input float32 [B, S, S, 3], image_sizes
-    float32 [B, 2] (height, width)).
+    """uint8 RGB images of any sizes -> (uint8 [B, S, S, 3], image_sizes float32 [B, 2]
+    (height, width)).
 
-    The eval pipeline's steps: cv2-style bilinear resize to S x S (aspect not kept), then
-    `preprocess`. S is `size` or cfg.model.input_size.
+    The eval pipeline's resize: cv2 INTER_LINEAR to S x S (aspect not kept), as the
+    original. S is `size` or cfg.model.input_size. `preprocess` runs on the device.
     """
     s = int(size or cfg.model.input_size)
-    x = np.stack([preprocess(resize_bilinear(im, s), cfg) for im in images])
+    x = np.stack([resize(np.asarray(im, np.uint8), s) for im in images])
     image_sizes = np.array([im.shape[:2] for im in images], np.float32)
     return x, image_sizes
 
 
-def pad_batch(x: np.ndarray, batch: int, value: float = 0.0) -> np.ndarray:
+def pad_batch(x: np.ndarray, batch: int, value: float = 0) -> np.ndarray:
     """Pads axis 0 of `x` with `value` to `batch` rows (a fixed shape: one compilation)."""
     if x.shape[0] == batch:
         return x

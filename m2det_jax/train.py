@@ -34,10 +34,12 @@ from m2det_jax import data
 from m2det_jax import sharding as shd
 from m2det_jax.checkpoints import TrainCheckpoints, load_variables, model_signature
 from m2det_jax.convert import merge_variables
+from m2det_jax.data import augment, device_augment
 from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.losses import multibox_loss
 from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
 
 
@@ -75,22 +77,40 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
+    """(network input, boxes, labels, valid) of a uint8 batch, on the device: with
+    `data.augment_on_device` the augmentation (`data.device_augment`, a key per step) and
+    then, always, `preprocess` (channel order, means, scale)."""
+    valid = batch["valid"] & batch["mask"][:, None]
+    image, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
+    if cfg.data.get("augment_on_device", False):
+        pp = cfg.preprocess
+        key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1 << 20)  # not init's key
+        out = device_augment.augment_batch(
+            jax.random.fold_in(key, step), image, batch["canvas_sizes"], boxes, labels, valid,
+            size=int(cfg.model.input_size), expand_prob=float(cfg.data.expand_prob),
+            fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means))  # fmt: skip
+        image, boxes, labels, valid = out["image"], out["boxes"], out["labels"], out["valid"]
+    return preprocess(image, cfg), boxes, labels, valid
+
+
 def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
     """(state, batch) -> (state, metrics). BatchNorm statistics and the loss normaliser
     come from the global batch under `jit` (the batch axis is sharded, not split).
+    The batch carries uint8 images (`device_inputs` makes the network input).
     `schedule` is the optimizer's learning-rate schedule (logged as `lr`)."""
     priors = jnp.asarray(priors)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
-        valid = batch["valid"] & batch["mask"][:, None]
+        images, boxes, labels, valid = device_inputs(cfg, batch, state.step)
 
         def loss_fn(params):
             out, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
-                batch["image"], train=True, mutable=["batch_stats"],
+                images, train=True, mutable=["batch_stats"],
             )  # fmt: skip
             loc_l, conf_l = multibox_loss(
-                out["loc"], out["logits"], priors, batch["boxes"], batch["labels"], valid, cfg
+                out["loc"], out["logits"], priors, boxes, labels, valid, cfg
             )
             return loc_l + conf_l, (loc_l, conf_l, updates["batch_stats"])
 
@@ -283,9 +303,11 @@ def train_and_evaluate(
             donate_argnums=(0,),
         )
         meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch}
+        # Global batches, data.prefetch ahead: the host pipeline runs during the step.
+        batches = shd.DevicePrefetch(data_iter, mesh, cfg.data.get("prefetch", 0))
 
         def save(step: int) -> None:
-            data_state = getattr(data_iter, "get_state", lambda: None)()
+            data_state = batches.get_state() if hasattr(data_iter, "get_state") else None
             if isinstance(data_state, bytes):
                 data_state = data_state.decode()
             ckpts.save(step, state, data_state, meta)
@@ -301,43 +323,48 @@ def train_and_evaluate(
         eval_metrics: dict[str, float] = {}
         preempted = False
         t_log, n_img = time.perf_counter(), 0
-        while step < n_steps:
-            if preemption.requested:
-                preempted = True
-                break
-            batch = shd.global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            n_img += cfg.train.batch_size
-            is_log = step % cfg.train.log_every == 0 or step == n_steps
-            is_ckpt = step % cfg.train.checkpoint_every == 0
-            if is_log or is_ckpt:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(m["loss"]):
-                    ckpts.wait()
-                    good = ckpts.latest_step()
-                    log.close()
-                    raise NonFiniteLossError(
-                        f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
-                        f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
-                        f"{'none' if good is None else f'step {good} in {ckpts.directory}'}"
-                    )
-                m["images_per_sec"] = n_img / max(time.perf_counter() - t_log, 1e-9)
-                t_log, n_img = time.perf_counter(), 0
-                last_metrics = m
-                if is_log:
-                    log.write(step, {k: m[k] for k in LOGGED})
+        try:
+            while step < n_steps:
+                if preemption.requested:
+                    preempted = True
+                    break
+                state, metrics = step_fn(state, next(batches))
+                step += 1
+                n_img += cfg.train.batch_size
+                is_log = step % cfg.train.log_every == 0 or step == n_steps
+                is_ckpt = step % cfg.train.checkpoint_every == 0
+                if is_log or is_ckpt:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not math.isfinite(m["loss"]):
+                        ckpts.wait()
+                        good = ckpts.latest_step()
+                        raise NonFiniteLossError(
+                            f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
+                            f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
+                            f"{'none' if good is None else f'step {good} in {ckpts.directory}'}"
+                        )
+                    m["images_per_sec"] = n_img / max(time.perf_counter() - t_log, 1e-9)
+                    t_log, n_img = time.perf_counter(), 0
+                    last_metrics = m
+                    if is_log:
+                        log.write(step, {k: m[k] for k in LOGGED})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
+                                        img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
                 if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
-                                    img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
-            if bar is not None:
-                bar.update(1)
-            if is_ckpt:
-                save(step)
-            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
-                eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+                    bar.update(1)
+                if is_ckpt:
+                    save(step)
+                if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
+                    eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+        except BaseException:  # stop the reader thread and the async saves, then raise
+            batches.close()
+            ckpts.close()
+            log.close()
+            raise
         if bar is not None:
             bar.close()
+        batches.close()
 
         # Final save and evaluation.
         if ckpts.latest_step() != step:

@@ -97,7 +97,7 @@ class SyntheticIterator:
         s, g = self.cfg.model.input_size, self.cfg.data.max_boxes
         n = self.bs * self.pc
         rng = np.random.default_rng([self.seed, index])
-        image = rng.normal(0, 40, (n, s, s, 3)).astype(np.float32)
+        image = rng.normal(117, 40, (n, s, s, 3)).astype(np.float32)
         xy = rng.uniform(0, 0.6, (n, g, 2))
         wh = rng.uniform(0.1, 0.4, (n, g, 2))
         boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
@@ -107,6 +107,7 @@ class SyntheticIterator:
             for k in np.flatnonzero(valid[b]):
                 x1, y1, x2, y2 = (boxes[b, k] * s).astype(int)
                 image[b, y1:y2, x1:x2, labels[b, k] % 3] += 100.0
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)  # what the pipeline sends
         return {"image": image, "boxes": boxes, "labels": labels, "valid": valid,
                 "mask": np.ones(n, bool)}  # fmt: skip
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import colorsys
-
+import cv2
 import numpy as np
 
 from m2det_jax.data import augment
@@ -82,22 +81,72 @@ def test_min_size_filter_falls_back_to_unaugmented_image():
     assert any(np.array_equal(out, augment.resize(img, 32, f)) for f in augment.INTERPOLATIONS)
 
 
-def test_hsv_matches_opencv_convention():
-    px = np.random.default_rng(1).integers(0, 256, (500, 1, 3), dtype=np.uint8)
-    hsv = augment.rgb_to_hsv_cv2(px)
-    for p, q in zip(px[:, 0], hsv[:, 0], strict=True):
-        h, s, v = colorsys.rgb_to_hsv(*(p / 255.0))
-        assert abs(int(q[0]) - round(h * 180) % 180) <= 1 or {int(q[0]), round(h * 180)} == {0, 180}
-        assert abs(int(q[1]) - round(s * 255)) <= 1 and int(q[2]) == round(v * 255)
-    back = augment.hsv_to_rgb_cv2(hsv).astype(int)
-    assert np.abs(back - px).max() <= 5  # uint8 HSV quantization, as in cv2
+def _original_distort(image_rgb, rng):
+    """The original's `_distort`, written out literally (float64 copies, truncating uint8
+    writes, cv2's HSV on the BGR image) with the same draws from `rng`, in its order."""
+
+    def convert(img, alpha=1.0, beta=0.0):
+        tmp = img.astype(float) * alpha + beta
+        tmp[tmp < 0] = 0
+        tmp[tmp > 255] = 255
+        img[:] = tmp
+
+    img = image_rgb[..., ::-1].copy()  # BGR, as cv2.imread gives
+    if rng.integers(2):
+        convert(img, beta=rng.uniform(-32, 32))
+    if rng.integers(2):
+        convert(img, alpha=rng.uniform(0.5, 1.5))
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    if rng.integers(2):
+        tmp = img[:, :, 0].astype(int) + int(rng.integers(-18, 19))
+        img[:, :, 0] = tmp % 180
+    if rng.integers(2):
+        convert(img[:, :, 1], alpha=rng.uniform(0.5, 1.5))
+    return cv2.cvtColor(img, cv2.COLOR_HSV2BGR)[..., ::-1]
 
 
-def test_resize_bilinear_and_normalize():
-    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
-    np.testing.assert_array_equal(augment.resize_bilinear(img, 4), img)
-    half = augment.resize_bilinear(img, 2)  # half-pixel centres: mean of 2x2 blocks
-    want = img.reshape(2, 2, 2, 2, 3).astype(float).mean((1, 3))
-    np.testing.assert_array_equal(half, np.round(want))
+def test_photometric_distort_is_the_original_bit_for_bit():
+    img = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    changed = 0
+    for seed in range(48):  # every combination of the four coin flips, several times
+        got = augment.photometric_distort(img, np.random.default_rng(seed))
+        want = _original_distort(img, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, want)
+        changed += not np.array_equal(got, img)
+    assert changed == 48  # the HSV round trip alone already quantizes
+
+
+def test_resize_is_cv2_and_normalize():
+    img = np.random.default_rng(2).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    for interp in augment.INTERPOLATIONS:
+        np.testing.assert_array_equal(
+            augment.resize(img, 32, interp), cv2.resize(img, (32, 32), interpolation=interp)
+        )
+    assert augment.resize(img, (20, 30)).shape == (20, 30, 3)
+    np.testing.assert_array_equal(augment.resize(img[:32, :32], 32), img[:32, :32])
     x = normalize(img, "bgr", (104.0, 117.0, 123.0))
     np.testing.assert_array_equal(x[..., 0], img[..., 2].astype(np.float32) - 104.0)
+
+
+def test_train_augment_boxes_follow_the_pixels():
+    """Crop, distortion, expand, mirror and resize together: a white box on black stays
+    under its transformed box, and nothing bright is left outside it."""
+    img = np.zeros((60, 80, 3), np.uint8)
+    img[10:40, 20:50] = 255
+    box = np.array([[20 / 80, 10 / 60, 50 / 80, 40 / 60]], np.float32)
+    sizes = set()
+    for seed in range(80):
+        out, b, _, _ = augment.train_augment(
+            img, box, np.array([1]), np.random.default_rng(seed), size=64, fill_rgb=(0, 0, 0)
+        )
+        x1, y1, x2, y2 = b[0] * 64
+        sizes.add(round(float(x2 - x1)))
+        gray = out[..., 0].astype(int)  # a grey image stays grey through the HSV steps
+        inside = np.zeros((64, 64), bool)
+        inside[int(np.ceil(y1)) + 1 : int(y2) - 1, int(np.ceil(x1)) + 1 : int(x2) - 1] = True
+        near = np.zeros((64, 64), bool)
+        near[max(int(y1) - 1, 0) : int(np.ceil(y2)) + 1, max(int(x1) - 1, 0) : int(np.ceil(x2)) + 1] = True
+        if inside.any():  # white (>= 255 * 0.5 - 32) under the box
+            assert (gray[inside] > 70).mean() > 0.97, seed
+        assert (gray[~near] < 70).mean() > 0.97, seed  # black (<= 32 * 1.5) elsewhere
+    assert len(sizes) > 10  # crops and zoom-outs of many scales were drawn

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from m2det_jax.data import augment, iterator, pipeline, records
-from m2det_jax.preprocess import normalize
 from tests.helpers import small_data_config, stored_records
 
 
@@ -19,7 +18,7 @@ def test_train_batches_shapes_dtypes_padding(shapes_builder):
     )
     b = next(it)
     want = {
-        "image": ((4, 64, 64, 3), np.float32),
+        "image": ((4, 64, 64, 3), np.uint8),
         "boxes": ((4, 3, 4), np.float32),
         "labels": ((4, 3), np.int32),
         "valid": ((4, 3), np.bool_),
@@ -31,7 +30,7 @@ def test_train_batches_shapes_dtypes_padding(shapes_builder):
     assert b["mask"].all() and (b["image_sizes"] == 128).all()
     assert (b["labels"][~b["valid"]] == 0).all() and (b["boxes"][~b["valid"]] == 0).all()
     assert ((b["labels"][b["valid"]] >= 1) & (b["labels"][b["valid"]] <= 4)).all()
-    assert -124 <= b["image"].min() and b["image"].max() <= 152
+    assert len(np.unique(b["image"])) > 50  # real pixels, not a constant
     assert it.stats.as_dict()["examples"] == 4
 
 
@@ -57,9 +56,8 @@ def test_eval_sees_every_image_once_and_shards_are_disjoint(shapes_builder):
     first = next(b0)
     rec = {int(r["image/id"]): r for r in stored_records(shapes_builder, "validation")}
     ex, _ = records.decode_record(rec[int(first["image_id"][0])])
-    np.testing.assert_array_equal(
-        first["image"][0], normalize(augment.resize_bilinear(ex["image"], 64))
-    )
+    assert first["image"].dtype == np.uint8  # uint8 to the device; preprocess runs there
+    np.testing.assert_array_equal(first["image"][0], augment.resize(ex["image"], 64))
     np.testing.assert_array_equal(first["boxes"][0][first["valid"][0]], ex["boxes"])
 
 

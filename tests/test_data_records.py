@@ -23,6 +23,7 @@ ORDER = (
     "coco_folder",
     "builders",
     "augment",
+    "device_augment",
     "examples",
     "iterator",
     "pipeline",

@@ -2,6 +2,7 @@
 artefact and the TF SavedModel reloaded and compared with in-process JAX; `m2det benchmark`
 prints its table."""
 
+import functools
 import json
 import os
 
@@ -9,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from m2det_jax import load_config
+from m2det_jax import build_model, detect, load_config, prior_boxes
 from m2det_jax.checkpoints import load_variables, save_variables
 from m2det_jax.export import export, load_saved_model, load_serving, savedmodel_available
-from m2det_jax.predict import make_predict_fn
 from m2det_jax.preprocess import normalize
 from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
 
@@ -60,9 +60,11 @@ def test_export_cli_round_trip(setup, tmp_path):
 
 
 def _reference(cfg, v, images, hw):
+    """The network and `detect` on inputs normalized on the host, with numpy."""
     p = cfg.preprocess
     x = normalize(images, p.channel_order, p.pixel_means, p.pixel_scale)
-    return jax.device_get(make_predict_fn(cfg)(v, x, hw))
+    out = jax.jit(functools.partial(build_model(cfg).apply, train=False))(v, x)
+    return jax.device_get(detect(out["loc"], out["logits"], prior_boxes(cfg), cfg, hw))
 
 
 def _assert_same_detections(served, ref):

@@ -84,6 +84,8 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
     _enable_cache()
     import time
 
+    import numpy as np
+
     import m2det_jax
     from m2det_jax.train import train_and_evaluate
     from tests.helpers import SyntheticIterator
@@ -92,7 +94,7 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
         def __next__(self):
             b = super().__next__()
             if nan_at is not None and self.index == nan_at:
-                b["image"][:] = float("nan")
+                b["image"] = np.full(b["image"].shape, np.nan, np.float32)  # float pixels
             if slow:
                 time.sleep(0.5)
             return b

@@ -1,13 +1,14 @@
 """Input data, in data-flow order (each module imports only modules above it):
 
-  records      one stored record -> example (numpy + PIL; no TFDS): decode_record, decode_image
+  records      one stored record -> example (OpenCV; no TFDS): decode_record, decode_image
   schema       the coco/2017-like TFDS features, prepare, data_source
   coco_json    category_ids, annotation_file (instances JSON written from the records)
   shapes       the synthetic shapes builder (build_shapes)
   coco_folder  a builder for any COCO-format folder (build_coco_folder)
   builders     cfg.data.dataset -> prepared builder (open_builder)
-  augment      train augmentation, eval resize (numpy + PIL)
-  examples     per-example grain transforms (decode, augment, pad)
+  augment      train augmentation, eval resize (OpenCV, on the host)
+  device_augment  the same augmentation batched in JAX, inside the jitted train step
+  examples     per-example grain transforms (decode, augment or place on a canvas, pad)
   iterator     batching, state, DataStats (DetectionIterator)
   pipeline     make_train_iterator, make_eval_iterator
 

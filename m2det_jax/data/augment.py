@@ -1,53 +1,68 @@
-"""Training augmentation and eval preprocessing, in numpy + PIL.
+"""Training augmentation and test-time resize on the host, with OpenCV (as the original).
 
-`train_augment` reproduces the original M2Det's training transform (its `preproc`, in
-data/data_augment.py), step by step and in the same order:
+`train_augment` is the original M2Det's training transform (its `preproc`), step by step
+and in the same order:
   1. SSD crop: pick one of {keep the image, min IoU 0.1/0.3/0.5/0.7/0.9, unconstrained};
      try up to 50 random crops (side 0.3-1 of the image, aspect 1/2-2) for that mode and
      take the first whose IoU with every box reaches the mode and which holds at least
      one box centre (boxes with their centre inside are kept, clipped to the crop);
      redraw the mode if none passes;
-  2. photometric distort: brightness (+-32), contrast (x0.5-1.5), HSV hue (+-18 in
-     OpenCV's uint8 hue 0..179) and saturation (x0.5-1.5), each with probability 1/2,
-     every write truncated to uint8;
+  2. photometric distortion: brightness (+-32) and contrast (x0.5-1.5), each with
+     probability 1/2 and truncated to uint8 after each, then OpenCV's uint8 HSV (hue
+     0..179): hue +-18 and saturation x0.5-1.5, each with probability 1/2, and back;
   3. expand (zoom-out) with probability `expand_prob`: the image placed at random on a
      canvas up to 4x its size, filled with the pixel means;
   4. horizontal mirror with probability 1/2;
-  5. resize to size x size with a randomly chosen interpolation (PIL's bilinear,
-     bicubic, box (= area), nearest, lanczos stand in for cv2's linear, cubic, area,
-     nearest, lanczos4);
+  5. resize to size x size with an interpolation drawn from cv2's linear, cubic, area,
+     nearest and lanczos4;
   6. drop boxes with normalized min(w, h) <= 0.01; if none is left, fall back to the
-     un-augmented image (resized with the same interpolation) and its boxes.
+     un-augmented image (resized with a new random interpolation) and its boxes.
 An image without boxes is only resized. Every random draw comes from the
 `np.random.Generator` passed in, so results are a function of its seed.
 
-Images here are uint8 RGB [H, W, 3]; boxes are normalized [x1, y1, x2, y2]. The channel
-order and mean subtraction of `cfg.preprocess` are applied last, by
-`m2det_jax.preprocess.normalize` (in `data.iterator`, on the batch).
+Where the time goes, and what is done about it (640x480 JPEGs, one core): decoding is
+the largest share (~1.4 ms, libjpeg-turbo inside OpenCV; nothing here can shrink it).
+The original then spends most of its time on float64 copies of the image for brightness
+and contrast, on building the expanded canvas (up to 16x the pixels, then resized) and on
+its Python crop loop. Here brightness and contrast are one 256-entry lookup table (the
+same truncating arithmetic, exactly), hue and saturation another, and steps 3-5 never
+build the canvas: the image is resized straight into its place on a size x size output
+filled with the means, and mirrored there. The placement is rounded to whole output
+pixels and the boxes follow that rounded placement, so pixels and boxes agree exactly;
+against resizing the full canvas only the pixels at the image's border differ. The 50
+crop trials of a mode are drawn and tested at once.
 
-Deviations (documented, small): PIL's resampling antialiases when shrinking (cv2 does
-not); eval uses `resize_bilinear`, a numpy port of cv2 INTER_LINEAR (half-pixel
-centres, no antialiasing; within +-1 of cv2's fixed-point rounding). The HSV round trip
-is skipped when neither hue nor saturation is changed (it would only quantize).
+Images are uint8 RGB [H, W, 3] (OpenCV's HSV conversion gives the same H, S, V for RGB
+input with the RGB codes as the original's BGR input with the BGR codes); boxes are
+normalized [x1, y1, x2, y2]. The channel order and means of `cfg.preprocess` are applied
+later, on the device (`m2det_jax.preprocess`).
+
+`resize(image, size)` with the default INTER_LINEAR is the test-time resize, bit for bit
+the original's `cv2.resize` (OpenCV's fixed-point bilinear, no antialiasing).
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from m2det_jax import box_ops
 
-# cv2 linear, cubic, area, nearest, lanczos4 -> PIL (the original's random choice).
+# Per-image work is small: OpenCV's own thread pool only adds overhead next to the
+# pipeline's worker processes (and would oversubscribe the cores they use).
+cv2.setNumThreads(1)
+
+# The original's random choice, in its order.
 INTERPOLATIONS = (
-    Image.Resampling.BILINEAR,
-    Image.Resampling.BICUBIC,
-    Image.Resampling.BOX,
-    Image.Resampling.NEAREST,
-    Image.Resampling.LANCZOS,
+    cv2.INTER_LINEAR,
+    cv2.INTER_CUBIC,
+    cv2.INTER_AREA,
+    cv2.INTER_NEAREST,
+    cv2.INTER_LANCZOS4,
 )
 CROP_MODES = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -np.inf)  # None = keep the image as is
 MIN_BOX_SIZE = 0.01  # normalized min(w, h) must exceed this (original preproc)
+_IDENTITY = np.arange(256, dtype=np.float64)
 
 
 def _iou_rects(boxes: np.ndarray, rects: np.ndarray) -> np.ndarray:
@@ -96,73 +111,42 @@ def random_crop(image, boxes, labels, rng: np.random.Generator, trials: int = 50
         return image[y0 : y0 + int(ch[t]), x0 : x0 + int(cw[t])], b, labels[keep]
 
 
-def rgb_to_hsv_cv2(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> uint8 HSV as cv2.COLOR_RGB2HSV (H in 0..179, S and V in 0..255)."""
-    x = rgb.astype(np.float32)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    v = x.max(axis=-1)
-    diff = v - x.min(axis=-1)
-    s = np.where(v > 0, diff * 255.0 / np.maximum(v, 1e-6), 0.0)
-    d = np.maximum(diff, 1e-6)
-    hue = np.where(
-        v == r,
-        60.0 * (g - b) / d,
-        np.where(v == g, 120.0 + 60.0 * (b - r) / d, 240.0 + 60.0 * (r - g) / d),
-    )
-    hue = np.where(diff == 0, 0.0, hue)
-    hue = np.where(hue < 0, hue + 360.0, hue) / 2.0
-    out = np.stack([np.round(hue) % 180, np.round(s), v], axis=-1)
-    return out.astype(np.uint8)
-
-
-def hsv_to_rgb_cv2(hsv: np.ndarray) -> np.ndarray:
-    """uint8 HSV (cv2 convention) -> uint8 RGB, as cv2.COLOR_HSV2RGB."""
-    x = hsv.astype(np.float32)
-    h = x[..., 0] * 2.0 / 60.0  # sector units, 0..6
-    s = x[..., 1] / 255.0
-    v = x[..., 2]
-    i = np.floor(h)
-    f = h - i
-    i = i.astype(np.int32) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = np.stack(
-        [
-            np.stack(c, axis=-1)
-            for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
-        ],
-        axis=0,
-    )  # [6, H, W, 3]
-    rgb = np.take_along_axis(table, i[None, ..., None], axis=0)[0]
-    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+def _truncate(lut: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """The original's `_convert` on a lookup table: v * alpha + beta, clipped to 0..255,
+    written back to uint8 (which truncates)."""
+    return np.floor(np.clip(lut * alpha + beta, 0.0, 255.0))
 
 
 def photometric_distort(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness, contrast, hue, saturation; each step with probability 1/2."""
-    img = image
+    """Brightness, contrast (RGB), hue, saturation (HSV); each with probability 1/2.
+
+    The draws are the original's, in its order. The HSV round trip always happens, as
+    in the original (it quantizes even when neither hue nor saturation changes).
+    """
+    lut = _IDENTITY
     if rng.integers(2):
-        img = np.clip(img.astype(np.float32) + rng.uniform(-32, 32), 0, 255).astype(np.uint8)
+        lut = _truncate(lut, beta=rng.uniform(-32, 32))
     if rng.integers(2):
-        img = np.clip(img.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
-    do_hue = bool(rng.integers(2))
-    hue_shift = int(rng.integers(-18, 19)) if do_hue else 0
-    do_sat = bool(rng.integers(2))
-    sat = rng.uniform(0.5, 1.5) if do_sat else 1.0
-    if do_hue or do_sat:
-        hsv = rgb_to_hsv_cv2(img)
-        if do_hue:
-            hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + hue_shift) % 180).astype(np.uint8)
-        if do_sat:
-            s = np.clip(hsv[..., 1].astype(np.float32) * sat, 0, 255)
-            hsv[..., 1] = s.astype(np.uint8)
-        img = hsv_to_rgb_cv2(hsv)
-    return img
+        lut = _truncate(lut, alpha=rng.uniform(0.5, 1.5))
+    img = image if lut is _IDENTITY else cv2.LUT(image, lut.astype(np.uint8))
+    hue = _IDENTITY
+    if rng.integers(2):
+        hue = (hue + int(rng.integers(-18, 19))) % 180  # H stays in 0..179
+    sat = _IDENTITY
+    if rng.integers(2):
+        sat = _truncate(sat, alpha=rng.uniform(0.5, 1.5))
+    hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)
+    if hue is not _IDENTITY or sat is not _IDENTITY:
+        table = np.stack([hue, sat, _IDENTITY], axis=-1).astype(np.uint8)[None]  # [1,256,3]
+        hsv = cv2.LUT(hsv, table)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
-def expand(image, boxes, fill_rgb, prob: float, rng: np.random.Generator):
-    """Zoom-out with probability `prob`: image on a means-filled canvas up to 4x larger."""
+def expand_params(h: int, w: int, prob: float, rng: np.random.Generator):
+    """The zoom-out's canvas (ch, cw) and the image's offset (top, left) on it, or None
+    (skipped with probability 1 - prob, or 50 draws with a side below 1x)."""
     if rng.uniform() > prob:
-        return image, boxes
-    h, w = image.shape[:2]
+        return None
     for _ in range(50):
         scale = rng.uniform(1.0, 4.0)
         lo, hi = max(0.5, 1.0 / (scale * scale)), min(2.0, scale * scale)
@@ -173,14 +157,25 @@ def expand(image, boxes, fill_rgb, prob: float, rng: np.random.Generator):
         cw, ch = int(ws * w), int(hs * h)
         left = int(rng.integers(0, cw - w + 1))
         top = int(rng.integers(0, ch - h + 1))
-        canvas = np.empty((ch, cw, 3), np.uint8)
-        canvas[...] = np.asarray(fill_rgb, np.uint8)
-        canvas[top : top + h, left : left + w] = image
-        b = boxes.copy()
-        b[:, :2] += (left, top)
-        b[:, 2:] += (left, top)
-        return canvas, b
-    return image, boxes
+        return ch, cw, top, left
+    return None
+
+
+def expand(image, boxes, fill_rgb, prob: float, rng: np.random.Generator):
+    """Zoom-out with probability `prob`: image on a means-filled canvas up to 4x larger
+    (the canvas itself; `train_augment` never builds it)."""
+    h, w = image.shape[:2]
+    params = expand_params(h, w, prob, rng)
+    if params is None:
+        return image, boxes
+    ch, cw, top, left = params
+    canvas = np.empty((ch, cw, 3), np.uint8)
+    canvas[...] = np.asarray(fill_rgb, np.uint8)
+    canvas[top : top + h, left : left + w] = image
+    b = boxes.copy()
+    b[:, :2] += (left, top)
+    b[:, 2:] += (left, top)
+    return canvas, b
 
 
 def mirror(image, boxes, rng: np.random.Generator):
@@ -193,34 +188,39 @@ def mirror(image, boxes, rng: np.random.Generator):
     return image, boxes
 
 
-def resize(image: np.ndarray, size: int, interpolation=Image.Resampling.BILINEAR) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3] with a PIL filter (aspect not kept)."""
-    if image.shape[0] == size and image.shape[1] == size:
+def resize(image: np.ndarray, size: int | tuple[int, int], interpolation=cv2.INTER_LINEAR):
+    """uint8 [H, W, 3] -> uint8 [size, size, 3] (or [h, w, 3] for size=(h, w)) by
+    cv2.resize with `interpolation` (aspect not kept)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.shape[0] == h and image.shape[1] == w:
         return np.ascontiguousarray(image)
-    pil = Image.fromarray(np.ascontiguousarray(image))
-    return np.asarray(pil.resize((size, size), resample=interpolation))
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interpolation)
 
 
-def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
-    """cv2.resize(INTER_LINEAR) in numpy: half-pixel centres, no antialias, rounded uint8."""
-    h, w = image.shape[:2]
-
-    def coords(n_in):
-        f = (np.arange(size, dtype=np.float64) + 0.5) * (n_in / size) - 0.5
-        f = np.clip(f, 0, n_in - 1)
-        i0 = np.floor(f).astype(np.int64)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, (f - i0).astype(np.float32)
-
-    y0, y1, fy = coords(h)
-    x0, x1, fx = coords(w)
-    img = image.astype(np.float32)
-    rows = img[y0]  # [size, W, 3], separable: rows first, then columns
-    rows += (img[y1] - rows) * fy[:, None, None]
-    out = rows[:, x0]
-    out += (rows[:, x1] - out) * fx[None, :, None]
-    np.rint(out, out=out)  # a convex combination of uint8 values: no clipping needed
-    return out.astype(np.uint8)
+def _expand_mirror_resize(img, boxes, size, fill_rgb, expand_prob, rng):
+    """Steps 3-5 without the canvas: (uint8 [size, size, 3], boxes normalized)."""
+    h, w = img.shape[:2]
+    params = expand_params(h, w, expand_prob, rng)
+    flip = bool(rng.integers(2))
+    interp = INTERPOLATIONS[int(rng.integers(len(INTERPOLATIONS)))]
+    if params is None:
+        out = resize(img, size, interp)
+        b = boxes / np.array([w, h, w, h], np.float32)
+    else:
+        ch, cw, top, left = params
+        # The image's place on the resized canvas, in whole output pixels.
+        x0, x1 = round(left * size / cw), round((left + w) * size / cw)
+        y0, y1 = round(top * size / ch), round((top + h) * size / ch)
+        rw, rh = max(x1 - x0, 1), max(y1 - y0, 1)
+        out = np.empty((size, size, 3), np.uint8)
+        out[...] = np.asarray(fill_rgb, np.uint8)
+        out[y0 : y0 + rh, x0 : x0 + rw] = resize(img, (rh, rw), interp)
+        scale = np.array([rw / w, rh / h, rw / w, rh / h], np.float32)
+        b = (boxes * scale + np.array([x0, y0, x0, y0], np.float32)) / np.float32(size)
+    if flip:
+        out = cv2.flip(out, 1)
+        b = np.stack([1.0 - b[:, 2], b[:, 1], 1.0 - b[:, 0], b[:, 3]], axis=1)
+    return out, b.astype(np.float32)
 
 
 def train_augment(
@@ -256,14 +256,10 @@ def train_augment(
     px = boxes * np.array([w0, h0, w0, h0], np.float32)
     img, b, lab = random_crop(image, px, labels, rng)
     img = photometric_distort(img, rng)
-    img, b = expand(img, b, fill_rgb, expand_prob, rng)
-    img, b = mirror(img, b, rng)
-    h, w = img.shape[:2]
-    interp = INTERPOLATIONS[int(rng.integers(len(INTERPOLATIONS)))]
-    out = resize(img, size, interp)
-    b = (b / np.array([w, h, w, h], np.float32)).astype(np.float32)
+    out, b = _expand_mirror_resize(img, b, size, fill_rgb, expand_prob, rng)
     keep = box_ops.xyxy_to_xywh(b)[:, 2:].min(axis=1) > MIN_BOX_SIZE
     if not keep.any():
+        interp = INTERPOLATIONS[int(rng.integers(len(INTERPOLATIONS)))]
         return resize(image, size, interp), boxes, labels, True
     return out, np.clip(b[keep], 0.0, 1.0), lab[keep], False
 

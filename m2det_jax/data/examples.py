@@ -4,12 +4,18 @@ Each transform returns a dict of numpy arrays: `ok` (False: undecodable, skip it
 `stats` (int64 counts in `records.STAT_KEYS` order, summed by the iterator in the main
 process) and, when ok, image uint8 [S, S, 3], boxes float32 [G, 4], labels int32 [G],
 valid bool [G], image_id int64, image_sizes int32 [2] (height, width of the stored image).
+
+With `data.augment_on_device` the training example (`CanvasExample`) is only decoded and
+placed at the top-left of a zero canvas [C, C, 3] (C = data.device_canvas; a larger image
+is first shrunk to fit, aspect kept), with `canvas_sizes` int32 [2] the (height, width)
+it covers there; `data.device_augment` does the rest inside the jitted step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import grain.python as grain
 import numpy as np
 
@@ -25,6 +31,7 @@ class ExampleParams:
     include_crowd: bool
     expand_prob: float
     fill_rgb: tuple[int, int, int]
+    canvas: int = 0  # > 0: pad to this canvas for on-device augmentation
 
     @classmethod
     def from_config(cls, cfg) -> ExampleParams:
@@ -35,7 +42,9 @@ class ExampleParams:
             include_crowd=bool(cfg.data.include_crowd),
             expand_prob=float(cfg.data.expand_prob),
             fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means),
+            canvas=int(cfg.data.device_canvas) if cfg.data.get("augment_on_device") else 0,
         )
+
 
 
 def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int, stats: dict) -> dict:
@@ -79,6 +88,7 @@ class TrainExample(grain.RandomMapTransform):
 
     def __init__(self, p: ExampleParams):
         self.p = p
+        self.image_shape = (p.size, p.size, 3)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         ex, stats = records.decode_record(record, self.p.include_crowd)
@@ -98,14 +108,46 @@ class TrainExample(grain.RandomMapTransform):
 
 
 class EvalExample(grain.MapTransform):
-    """Record -> resized (cv2-style bilinear) uint8 example, boxes unchanged."""
+    """Record -> resized uint8 example (cv2 INTER_LINEAR, as the original), boxes unchanged."""
 
     def __init__(self, p: ExampleParams):
         self.p = p
+        self.image_shape = (p.size, p.size, 3)
 
     def map(self, record: dict) -> dict:
         ex, stats = records.decode_record(record, self.p.include_crowd)
         if ex is None:
             return _skipped(stats)
-        image = augment.resize_bilinear(ex["image"], self.p.size)
+        image = augment.resize(ex["image"], self.p.size)
         return _example(ex, image, ex["boxes"], ex["labels"], self.p, stats)
+
+
+def place_on_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [canvas, canvas, 3] with `image` at the top-left and zeros elsewhere,
+    int32 (height, width) it covers). A larger image is shrunk to fit (INTER_AREA)."""
+    h, w = image.shape[:2]
+    if max(h, w) > canvas:
+        f = canvas / max(h, w)
+        h, w = max(1, min(canvas, round(h * f))), max(1, min(canvas, round(w * f)))
+        image = augment.resize(image, (h, w), cv2.INTER_AREA)
+    out = np.zeros((canvas, canvas, 3), np.uint8)
+    out[:h, :w] = image
+    return out, np.array([h, w], np.int32)
+
+
+class CanvasExample(grain.MapTransform):
+    """Record -> decoded uint8 image on a fixed canvas, boxes unchanged (normalized to
+    the image), for augmentation on the device."""
+
+    def __init__(self, p: ExampleParams):
+        self.p = p
+        self.image_shape = (p.canvas, p.canvas, 3)
+
+    def map(self, record: dict) -> dict:
+        ex, stats = records.decode_record(record, self.p.include_crowd)
+        if ex is None:
+            return _skipped(stats)
+        image, covered = place_on_canvas(ex["image"], self.p.canvas)
+        out = _example(ex, image, ex["boxes"], ex["labels"], self.p, stats)
+        out["canvas_sizes"] = covered
+        return out

@@ -1,13 +1,17 @@
-"""Batching: per-example dicts from a grain DataLoader -> normalized per-host batches.
+"""Batching: per-example dicts from a grain DataLoader -> uint8 per-host batches.
 
 A batch (b examples, G = max boxes, S = input size):
-    image        float32 [b, S, S, 3]  (pixels in channel_order - means) / scale
+    image        uint8   [b, S, S, 3]  RGB pixels (zeros on padding); the channel order,
+                                       means and scale are applied on the device
+                                       (`m2det_jax.preprocess`, inside the jitted program)
     boxes        float32 [b, G, 4]     normalized [x1, y1, x2, y2], zero padded
     labels       int32   [b, G]        1..C-1 (0 on padding)
     valid        bool    [b, G]
     image_id     int64   [b]           (-1 on padding)
     image_sizes  int32   [b, 2]        (height, width) of the stored image (0 on padding)
     mask         bool    [b]           False only on eval padding
+and, for training with `data.augment_on_device`, image is the uint8 canvas [b, C, C, 3]
+and `canvas_sizes` int32 [b, 2] the (height, width) the image covers on it.
 
 The iterator is checkpointable (`get_state` / `set_state`, JSON-able) and keeps the
 running `DataStats` of everything it consumed, as part of that state.
@@ -24,10 +28,10 @@ import grain.python as grain
 import numpy as np
 
 from m2det_jax.data import records
-from m2det_jax.preprocess import normalize
 
 # Per-example keys stacked into a batch (`mask` is added by the iterator).
 BATCH_KEYS = ("image", "boxes", "labels", "valid", "image_id", "image_sizes")
+EXTRA_KEYS = ("canvas_sizes",)  # stacked too when the examples have them
 
 
 @dataclasses.dataclass
@@ -67,19 +71,15 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
         loader: grain.DataLoader,
         *,
         batch_size: int,
-        size: int,
+        image_shape: tuple[int, int, int],
         max_boxes: int,
-        channel_order: str,
-        pixel_means,
-        pixel_scale: float,
         num_batches: int | None,
     ):
         self._loader = loader
         self._it = iter(loader)
         self.batch_size = batch_size
-        self._size = size
+        self._image_shape = tuple(image_shape)
         self._max_boxes = max_boxes
-        self._norm = (channel_order, tuple(pixel_means), float(pixel_scale))
         self.num_batches = num_batches
         self._emitted = 0
         self._exhausted = False
@@ -102,14 +102,15 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
         return None
 
     def _padding(self) -> dict:
-        g, s = self._max_boxes, self._size
+        g = self._max_boxes
         return {
-            "image": np.zeros((s, s, 3), np.uint8),
+            "image": np.zeros(self._image_shape, np.uint8),
             "boxes": np.zeros((g, 4), np.float32),
             "labels": np.zeros((g,), np.int32),
             "valid": np.zeros((g,), bool),
             "image_id": np.int64(-1),
             "image_sizes": np.zeros((2,), np.int32),
+            "canvas_sizes": np.zeros((2,), np.int32),
         }
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -128,9 +129,8 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
                 mask.append(True)
                 examples.append(ex)
         self._emitted += 1
-        batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in BATCH_KEYS}
-        batch["image"] = normalize(batch["image"], *self._norm)
-        batch["image"][~np.asarray(mask)] = 0.0
+        keys = BATCH_KEYS + tuple(k for k in EXTRA_KEYS if k in examples[0])
+        batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
         batch["image_id"] = batch["image_id"].astype(np.int64)
         batch["image_sizes"] = batch["image_sizes"].astype(np.int32)
         batch["mask"] = np.asarray(mask, bool)

@@ -3,6 +3,7 @@
     it = make_train_iterator(cfg)            # endless, shuffled, augmented
     batch = next(it)                         # dict of numpy arrays, see `iterator`
     state = it.get_state(); it.set_state(state)   # exact resume (JSON-able dict)
+    # batch["image"] is uint8 RGB: `m2det_jax.preprocess` runs on the device
     it.stats                                 # DataStats: bad data, truncation, ...
 
     for batch in make_eval_iterator(cfg):    # one pass; every image exactly once
@@ -37,7 +38,7 @@ import jax
 from absl import flags
 
 from m2det_jax.data import builders, schema
-from m2det_jax.data.examples import EvalExample, ExampleParams, TrainExample
+from m2det_jax.data.examples import CanvasExample, EvalExample, ExampleParams, TrainExample
 from m2det_jax.data.iterator import DetectionIterator
 
 
@@ -72,7 +73,7 @@ def _per_host(global_batch: int, shard: grain.ShardOptions, what: str) -> int:
     return global_batch // shard.shard_count
 
 
-def _iterator(cfg, source, sampler, transform, workers, batch_size, num_batches):
+def _iterator(source, sampler, transform, workers, batch_size, num_batches):
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -80,15 +81,11 @@ def _iterator(cfg, source, sampler, transform, workers, batch_size, num_batches)
         worker_count=workers,
         read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size),
     )
-    pp = cfg.preprocess
     return DetectionIterator(
         loader,
         batch_size=batch_size,
-        size=int(cfg.model.input_size),
-        max_boxes=int(cfg.data.max_boxes),
-        channel_order=pp.channel_order,
-        pixel_means=pp.pixel_means,
-        pixel_scale=pp.pixel_scale,
+        image_shape=transform.image_shape,
+        max_boxes=transform.p.max_boxes,
         num_batches=num_batches,
     )
 
@@ -126,8 +123,9 @@ def make_train_iterator(
         num_epochs=None,
         seed=int(cfg.train.seed if seed is None else seed),
     )
-    transform = TrainExample(ExampleParams.from_config(cfg))
-    return _iterator(cfg, source, sampler, transform, _num_workers(cfg, num_workers), b, None)
+    p = ExampleParams.from_config(cfg)
+    transform = CanvasExample(p) if p.canvas else TrainExample(p)
+    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, None)
 
 
 def make_eval_iterator(
@@ -161,6 +159,4 @@ def make_eval_iterator(
     )
     transform = EvalExample(ExampleParams.from_config(cfg))
     num_batches = max(1, math.ceil(math.ceil(len(source) / shard.shard_count) / b))
-    return _iterator(
-        cfg, source, sampler, transform, _num_workers(cfg, num_workers), b, num_batches
-    )
+    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, num_batches)

@@ -1,4 +1,4 @@
-"""Record decoding: one stored TFDS record -> one example, in numpy + PIL only.
+"""Record decoding: one stored TFDS record -> one example, with OpenCV and numpy only.
 
 Nothing here imports TFDS (or TensorFlow): a record is a plain dict of numpy values and
 encoded image bytes, as `schema.data_source` returns it, and `decode_image` is what
@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -42,15 +43,27 @@ def _bytes(image: Any) -> bytes:
     return bytes(image.item() if isinstance(image, np.ndarray) else image)
 
 
+# OpenCV's decoder (libjpeg-turbo, the original's cv2.imread), straight to RGB; EXIF
+# orientation is not applied (box annotations refer to the stored pixel grid).
+_CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def decode_image(image: Any) -> np.ndarray | None:
-    """uint8 RGB [H, W, 3] from encoded bytes (or an array); None if undecodable."""
+    """uint8 RGB [H, W, 3] from encoded bytes (or an array); None if undecodable.
+
+    Grayscale is repeated to 3 channels, alpha dropped, CMYK converted; the few formats
+    OpenCV does not read go through PIL.
+    """
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
         return image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
-    try:
-        with Image.open(io.BytesIO(_bytes(image))) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception:  # noqa: BLE001 - any decoder failure means "corrupt image"
-        return None
+    raw = _bytes(image)
+    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), _CV2_FLAGS) if raw else None
+    if arr is None:
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception:  # noqa: BLE001 - any decoder failure means "corrupt image"
+            return None
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         return None
     return arr
