@@ -41,8 +41,9 @@ def main() -> None:
     args = p.parse_args()
 
     tfds.disable_progress_bar()
-    cfg = load_config(args.config, [f"data.data_dir={args.data_dir}", "data.dataset=shapes",
-                                    "data.num_workers=0"])  # fmt: skip
+    cfg = load_config(args.config, [
+        f"data.data_dir={args.data_dir}", "data.dataset=shapes", "data.num_workers=0",
+        "data.shapes_num_train=512", "data.shapes_num_validation=16", "model.num_classes=5"])
     builder = open_builder(cfg)
     mesh = shd.make_mesh()
     model = build_model(cfg)

@@ -116,8 +116,10 @@ def default_config() -> ml_collections.ConfigDict:
     # grain worker processes; 0 = in-process; -1 = auto (0 on <= 2 CPUs, else
     # min(8, cpu_count - 1)).
     c.data.num_workers = -1
-    # Batches placed on the devices ahead of the step that uses them (0: none).
-    c.data.prefetch = 2
+    # Batches placed on the devices ahead of the step, by a reader thread (0: none; -1:
+    # auto, 2 on accelerators and 0 on the CPU backend, where that thread would only take
+    # cores from the step: benchmarks/prefetch.py).
+    c.data.prefetch = -1
     # Augment on the accelerator inside the jitted train step (`data.device_augment`):
     # the host only decodes and pads onto a device_canvas x device_canvas uint8 canvas
     # (larger images shrunk to fit). Same distributions as the host path, not its bits.
@@ -164,8 +166,8 @@ def validate(cfg) -> None:
     if cfg.postprocess.pixel_offset not in (0, 1):
         raise ValueError(f"postprocess.pixel_offset={cfg.postprocess.pixel_offset}: 0 or 1")
     d = cfg.data
-    if d.get("prefetch", 0) < 0:
-        raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0")
+    if d.get("prefetch", 0) < -1:
+        raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0 (or -1: auto)")
     if d.get("augment_on_device", False) and d.device_canvas < 1:
         raise ValueError(f"data.device_canvas={d.device_canvas}: a canvas side >= 1")
     if len(cfg.anchors.variance) != 2:

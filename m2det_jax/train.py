@@ -304,7 +304,9 @@ def train_and_evaluate(
         )
         meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch}
         # Global batches, data.prefetch ahead: the host pipeline runs during the step.
-        batches = shd.DevicePrefetch(data_iter, mesh, cfg.data.get("prefetch", 0))
+        ahead = cfg.data.get("prefetch", -1)
+        ahead = (0 if jax.default_backend() == "cpu" else 2) if ahead < 0 else ahead
+        batches = shd.DevicePrefetch(data_iter, mesh, ahead)
 
         def save(step: int) -> None:
             data_state = batches.get_state() if hasattr(data_iter, "get_state") else None

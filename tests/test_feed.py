@@ -141,16 +141,19 @@ def test_eval_pipeline_on_jpegs_is_cv2_imread_resize_bit_for_bit(tmp_path):
 
 def test_train_with_augmentation_on_the_device(shapes, tmp_path):
     """`data.augment_on_device`: the real pipeline sends uint8 canvases with their sizes,
-    the jitted step augments, and training runs and checkpoints."""
+    the jitted step augments, and training (prefetching) runs, checkpoints and resumes."""
     data_dir, builder = shapes
     cfg = load_config(config_path("tiny"), OVERRIDES + [
         f"data.data_dir={data_dir}", "data.dataset=shapes", "data.shapes_num_train=16",
         "data.shapes_num_validation=8", "data.num_workers=0", "data.augment_on_device=True",
         "data.device_canvas=96", "model.num_classes=5", "train.batch_size=4", "train.num_steps=2",
-        "train.eval_every=-1", "train.log_every=1"])  # fmt: skip
+        "train.eval_every=-1", "train.log_every=1", "data.prefetch=2"])  # fmt: skip
     b = next(pipeline.make_train_iterator(cfg, builder=builder, shard_index=0, shard_count=1))
     assert b["image"].shape == (4, 96, 96, 3) and b["image"].dtype == np.uint8
     assert (b["canvas_sizes"] == 96).all()  # 128 px images shrunk to fit the canvas
     assert (b["image"][:, 90:] != 0).any()  # the whole canvas covered
     out = train_and_evaluate(cfg, str(tmp_path / "wd"), progress=False)
     assert out["step"] == 2 and np.isfinite(out["final_metrics"]["loss"])
+    cfg.train.num_steps = 3  # resumes: the iterator state saved is that of batch 2
+    out = train_and_evaluate(cfg, str(tmp_path / "wd"), progress=False)
+    assert out["step"] == 3 and np.isfinite(out["final_metrics"]["loss"])
