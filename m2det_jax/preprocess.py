@@ -1,10 +1,11 @@
 """The one network-input preprocessing: channel order, pixel means, scale.
 
-`normalize` is the only place the formula is written. Training and evaluation batches
-(`data.pipeline`), `m2det detect` (`predict.prepare_images`) and the served function
-(`export.make_serving_fn`, inside the jitted program) all call it. It takes numpy arrays
+`normalize` is the only place the formula is written. The input pipeline sends uint8
+RGB images, and every program applies it on the device: the train step
+(`train.device_inputs`), evaluation and `m2det detect` (`predict.make_predict_fn` /
+`make_tta_fn`) and the served function (`export.make_serving_fn`). It takes numpy arrays
 (returns numpy, on the host) or jax arrays (returns jax, e.g. inside a jitted step), with
-the same float32 arithmetic either way.
+the same float32 arithmetic either way (tested equal).
 
 The original-compatible default feeds BGR pixels minus (104, 117, 123), unscaled
 (docs/original.md §5.1).
