@@ -100,6 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # steps between evaluations (0: only at the end, < 0: never)
     c.train.init_checkpoint = ""  # `m2det convert` output: full model or backbone only
+    # (start, stop): a jax.profiler trace of steps start..stop-1 in <workdir>/profile.
+    c.train.profile_steps = (0, 0)
 
     c.data = ml_collections.ConfigDict()
     # "coco/2017" (prepared TFDS data, never downloaded), "shapes" (generated on first
@@ -165,6 +167,10 @@ def validate(cfg) -> None:
         )
     if cfg.postprocess.pixel_offset not in (0, 1):
         raise ValueError(f"postprocess.pixel_offset={cfg.postprocess.pixel_offset}: 0 or 1")
+    ps = tuple(cfg.train.get("profile_steps", (0, 0)))
+    if len(ps) != 2 or ps[0] < 0 or (ps[1] and ps[1] <= ps[0]):
+        raise ValueError(f"train.profile_steps={ps}: (start, stop), 0 <= start < stop, "
+                         "or (0, 0) for none")  # fmt: skip
     d = cfg.data
     if d.get("prefetch", 0) < -1:
         raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0 (or -1: auto)")

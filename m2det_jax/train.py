@@ -41,6 +41,7 @@ from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
+from m2det_jax.profiling import StepProfiler
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -316,6 +317,7 @@ def train_and_evaluate(
 
         # The loop.
         log = MetricsLog(workdir, is_main)
+        profiler = StepProfiler(workdir, cfg.train.get("profile_steps", (0, 0)))
         step = start = int(jax.device_get(state.step))
         bar = None
         if progress and is_main:
@@ -330,6 +332,7 @@ def train_and_evaluate(
                 if preemption.requested:
                     preempted = True
                     break
+                profiler.before(step, state)
                 state, metrics = step_fn(state, next(batches))
                 step += 1
                 n_img += cfg.train.batch_size
@@ -360,12 +363,14 @@ def train_and_evaluate(
                 if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
                     eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
         except BaseException:  # stop the reader thread and the async saves, then raise
+            profiler.close()
             batches.close()
             ckpts.close()
             log.close()
             raise
         if bar is not None:
             bar.close()
+        profiler.close(state)
         batches.close()
 
         # Final save and evaluation.
