@@ -18,6 +18,7 @@ from m2det_jax.benchmark import format_table, run_benchmark
 from m2det_jax.checkpoints import ConfigMismatchError, load_variables, save_variables
 from m2det_jax.config import load_config
 from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
+from m2det_jax.costs import format_cost_table, time_train_step, train_step_cost
 from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.export import export
 from m2det_jax.sharding import initialize_distributed
@@ -141,8 +142,16 @@ def cmd_export(args, cfg) -> int:
 
 
 def cmd_benchmark(args, cfg) -> int:
+    if args.train:  # the train step's measured cost (costs.py), not inference
+        batch = args.batch or 16
+        if args.no_run:
+            row = train_step_cost(cfg, batch)
+        else:
+            row = time_train_step(cfg, batch, args.iters, peak_tflops=args.peak_tflops)
+        print(format_cost_table([row]))
+        return 0
     variables = _load_checkpoint(args.checkpoint, cfg) if args.checkpoint else None
-    result = run_benchmark(cfg, variables, batch=args.batch, iters=args.iters)
+    result = run_benchmark(cfg, variables, batch=args.batch or 8, iters=args.iters)
     print(format_table(result))
     return 0
 
@@ -209,8 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("benchmark", "speed as the paper measures it (batch 1, net + NMS) + throughput",
              cmd_benchmark)  # fmt: skip
     sp.add_argument("--checkpoint", default=None, help="variables (default: random weights)")
-    sp.add_argument("--batch", type=int, default=8, help="throughput batch size")
+    sp.add_argument("--batch", type=int, default=None,
+                    help="throughput batch size (default 8; with --train the per-device "
+                         "train batch, default 16)")
     sp.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    sp.add_argument("--train", action="store_true",
+                    help="cost of one train step on one device instead: FLOPs per image and "
+                         "memory from the compiled step, then its speed and MFU")
+    sp.add_argument("--no_run", action="store_true", help="with --train: compile only")
+    sp.add_argument("--peak_tflops", type=float, default=None,
+                    help="with --train: the device peak for the MFU (default: costs.PEAK_TFLOPS "
+                         "for the device and model.dtype)")
     return p
 
 

@@ -168,6 +168,31 @@ def multibox_loss(
       over positives + mined negatives, both divided by max(total positives, 1). An image
       without valid boxes contributes no positives and no negatives.
     """
+    loc_loss, conf_loss, num_pos = multibox_loss_sums(
+        loc, logits, priors, boxes, labels, valid, cfg, match_batch_size=match_batch_size
+    )
+    n = jnp.maximum(num_pos, 1).astype(jnp.float32)
+    return loc_loss / n, conf_loss / n
+
+
+def multibox_loss_sums(
+    loc: jnp.ndarray,
+    logits: jnp.ndarray,
+    priors: jnp.ndarray,
+    boxes: jnp.ndarray,
+    labels: jnp.ndarray,
+    valid: jnp.ndarray,
+    cfg,
+    *,
+    match_batch_size: int | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """`multibox_loss` before the division: (loc_sum, conf_sum, num_pos).
+
+    loc_sum and conf_sum are float32 sums over the batch, num_pos the int32 number of
+    positive priors in it. `multibox_loss` is (loc_sum, conf_sum) / max(num_pos, 1); sums
+    and counts of several microbatches add up to those of their concatenation (matching
+    and hard-negative mining are per image), which gradient accumulation relies on.
+    """
     loc = loc.astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     num_priors = logits.shape[1]
@@ -200,5 +225,4 @@ def multibox_loss(
     selected = jax.lax.stop_gradient(pos | neg)  # positives counted once, as (pos+neg).gt(0)
     conf_loss = jnp.sum(jnp.where(selected, ce, 0.0))
 
-    n = jnp.maximum(jnp.sum(num_pos), 1).astype(jnp.float32)
-    return loc_loss / n, conf_loss / n
+    return loc_loss, conf_loss, jnp.sum(num_pos)

@@ -30,7 +30,7 @@ from flax import struct
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from m2det_jax import data
+from m2det_jax import accumulate, data
 from m2det_jax import sharding as shd
 from m2det_jax.checkpoints import TrainCheckpoints, load_variables, model_signature
 from m2det_jax.convert import merge_variables
@@ -99,8 +99,13 @@ def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
     """(state, batch) -> (state, metrics). BatchNorm statistics and the loss normaliser
     come from the global batch under `jit` (the batch axis is sharded, not split).
     The batch carries uint8 images (`device_inputs` makes the network input).
-    `schedule` is the optimizer's learning-rate schedule (logged as `lr`)."""
+    `schedule` is the optimizer's learning-rate schedule (logged as `lr`).
+    `train.grad_accum_steps` k > 1: k microbatches (rows j, j+k, ...) in a scan, the
+    normaliser still the whole batch's positives, BN statistics per microbatch and
+    running statistics averaged (`m2det_jax.accumulate`); k = 1 is the plain step."""
     priors = jnp.asarray(priors)
+    k = int(cfg.train.get("grad_accum_steps", 1))
+    accumulate.check_batch(cfg.train.batch_size // jax.process_count(), k)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         images, boxes, labels, valid = device_inputs(cfg, batch, state.step)
@@ -115,9 +120,13 @@ def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
             )
             return loc_l + conf_l, (loc_l, conf_l, updates["batch_stats"])
 
-        (loss, (loc_l, conf_l, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        if k == 1:
+            value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        else:
+            sums_fn = accumulate.multibox_sums_fn(model, cfg, priors, state.batch_stats)
+            value_and_grad = accumulate.accumulated_value_and_grad(
+                sums_fn, state.params, (images, boxes, labels, valid), k)  # fmt: skip
+        (loss, (loc_l, conf_l, new_bs)), grads = value_and_grad
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         metrics = {

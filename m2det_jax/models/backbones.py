@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from m2det_jax.models.layers import max_pool
+from m2det_jax.models.layers import max_pool, remat_block
 
 # (name, out channels) per conv of VGG16-reduced; "pool" entries are max pools.
 # Index in the original `base` ModuleList: conv1_1=0, ..., conv6=31, conv7=33.
@@ -112,9 +112,11 @@ class ResNet(nn.Module):
     width: int = 64  # stem / layer1 width (torchvision: 64); smaller for tiny configs
     momentum: float = 0.9
     dtype: Any = jnp.float32
+    remat: str = "none"  # train.remat: "stages"/"dots" wrap each residual block
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        block = remat_block(ResNetBlock, self.remat, 2)
         blocks, bottleneck = RESNET_SPECS[self.depth]
         x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False, dtype=self.dtype,
                     name="conv1")(x)  # fmt: skip
@@ -129,7 +131,7 @@ class ResNet(nn.Module):
             out_ch = planes * 4 if bottleneck else planes
             for k in range(n):
                 s = stride if k == 0 else 1
-                x = ResNetBlock(
+                x = block(
                     planes, s, bottleneck, downsample=(k == 0 and (s != 1 or in_ch != out_ch)),
                     momentum=self.momentum, dtype=self.dtype, name=f"layer{stage + 1}_{k}",
                 )(x, train)  # fmt: skip
@@ -139,10 +141,12 @@ class ResNet(nn.Module):
 
 
 def make_backbone(name: str, dtype, layer3_stride: int = 1, momentum: float = 0.9,
-                  width: int = 64) -> nn.Module:  # fmt: skip
+                  width: int = 64, remat: str = "none") -> nn.Module:  # fmt: skip
+    """The backbone module, named "backbone". `remat` ("stages"/"dots"): VGG (no submodules)
+    is rematerialised as one block, ResNet per residual block."""
     if name == "vgg16":
-        return VGG16Reduced(dtype=dtype, name="backbone")
+        return remat_block(VGG16Reduced, remat, 2)(dtype=dtype, name="backbone")
     if name.startswith("resnet") and int(name[6:]) in RESNET_SPECS:
         return ResNet(int(name[6:]), layer3_stride, width, momentum, dtype=dtype,
-                      name="backbone")  # fmt: skip
+                      remat=remat, name="backbone")  # fmt: skip
     raise ValueError(f"model.backbone={name!r}: unknown backbone")

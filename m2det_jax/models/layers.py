@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from m2det_jax.config import REMAT_MODES
 
 
 class BasicConv(nn.Module):
@@ -40,6 +44,23 @@ class BasicConv(nn.Module):
             name="bn",
         )(x)
         return nn.relu(x) if self.relu else x
+
+
+@functools.cache
+def remat_block(cls: type[nn.Module], remat: str, train_argnum: int | None = None):
+    """`cls`, or `cls` under `nn.remat` for `train.remat` "stages" (keep nothing inside the
+    block: only its inputs, i.e. the block boundaries) or "dots" (also keep conv / matmul
+    outputs; BN and ReLU are recomputed). "none" and "full" (one remat around the whole
+    network, see `M2Det`) return `cls` unchanged. Names and parameters do not change.
+    `train_argnum` is the position of the Python-bool `train` argument, `self` being 0;
+    it is static, so `train` must be passed positionally."""
+    if remat not in REMAT_MODES:
+        raise ValueError(f"train.remat={remat!r}: expected one of {REMAT_MODES}")
+    if remat in ("none", "full"):
+        return cls
+    policy = jax.checkpoint_policies.dots_saveable if remat == "dots" else None
+    static = () if train_argnum is None else (train_argnum,)
+    return nn.remat(cls, static_argnums=static, policy=policy)
 
 
 def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:

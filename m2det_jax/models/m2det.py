@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from m2det_jax.config import validate
 from m2det_jax.models.backbones import make_backbone
+from m2det_jax.models.layers import remat_block
 from m2det_jax.models.mlfpn import SFAM, TUM, FFMv1, FFMv2
 from m2det_jax.priors import num_anchors
 
@@ -22,6 +23,9 @@ class M2Det(nn.Module):
     """M2Det. `__call__(images [B,S,S,3], train) -> {"loc": [B,P,4], "logits": [B,P,C]}`.
 
     Priors are ordered scale (largest map first), row, column, anchor: the original order.
+    `remat` (`train.remat`): "stages"/"dots" put each backbone block, FFMv1, FFMv2, TUM and
+    SFAM under `nn.remat`; "full" the whole forward pass under one. Parameter and variable
+    names are the same for every value; only the backward pass's memory/compute change.
     """
 
     backbone: str = "vgg16"
@@ -40,27 +44,35 @@ class M2Det(nn.Module):
     bn_momentum: float = 0.99
     norm_momentum: float = 0.9
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images, train: bool = False):
+        if self.remat == "full":  # one checkpoint: only the images are kept for backward
+            return nn.remat(M2Det._forward, static_argnums=(2,))(self, images, train)
+        return self._forward(images, train)
+
+    def _forward(self, images, train: bool):
+        ffmv1, ffmv2 = remat_block(FFMv1, self.remat, 3), remat_block(FFMv2, self.remat, 2)
+        tum, sfam = remat_block(TUM, self.remat, 2), remat_block(SFAM, self.remat)
         x = images.astype(self.dtype)
         shallow, deep = make_backbone(
             self.backbone, self.dtype, self.resnet_layer3_stride, self.norm_momentum,
-            self.resnet_width,
+            self.resnet_width, self.remat,
         )(x, train)
         self.sow("intermediates", "backbone_shallow", shallow)
         self.sow("intermediates", "backbone_deep", deep)
-        base = FFMv1(self.bn_momentum, self.dtype, name="ffmv1")(shallow, deep, train)
+        base = ffmv1(self.bn_momentum, self.dtype, name="ffmv1")(shallow, deep, train)
         self.sow("intermediates", "base_feature", base)  # [B, H, W, 768]
 
         half = self.planes // 2
         if self.share_ffmv2:
             # One module used by every level (the original): identical outputs, computed once.
-            shared = FFMv2(half, self.bn_momentum, self.dtype, name="ffmv2")(base, train)
+            shared = ffmv2(half, self.bn_momentum, self.dtype, name="ffmv2")(base, train)
             ffmv2_outs = [shared] * self.num_levels
         else:
             ffmv2_outs = [
-                FFMv2(half, self.bn_momentum, self.dtype, name=f"ffmv2_{lvl}")(base, train)
+                ffmv2(half, self.bn_momentum, self.dtype, name=f"ffmv2_{lvl}")(base, train)
                 for lvl in range(self.num_levels)
             ]
         self.sow("intermediates", "ffmv2_out", ffmv2_outs[0])  # [B, H, W, planes/2]
@@ -70,7 +82,7 @@ class M2Det(nn.Module):
             tin = ffmv2_outs[lvl]
             if lvl > 0:  # FFMv2 output first, then the previous TUM's largest output
                 tin = jnp.concatenate([tin, tum_outs[-1][-1]], axis=-1)
-            outs = TUM(self.planes, self.num_scales, self.smooth, self.bn_momentum, self.dtype,
+            outs = tum(self.planes, self.num_scales, self.smooth, self.bn_momentum, self.dtype,
                        name=f"tum_{lvl}")(tin, train)  # fmt: skip
             self.sow("intermediates", f"tum{lvl + 1}", outs)  # smallest map first
             tum_outs.append(outs)
@@ -81,7 +93,7 @@ class M2Det(nn.Module):
             for s in range(self.num_scales)
         ]  # [B, H_s, W_s, planes * num_levels]
         if self.sfam:
-            sources = SFAM(self.num_scales, self.sfam_reduction, self.share_sfam, self.dtype,
+            sources = sfam(self.num_scales, self.sfam_reduction, self.share_sfam, self.dtype,
                            name="sfam")(sources)  # fmt: skip
         self.sow("intermediates", "source0_before_norm", sources[0])
         sources[0] = nn.BatchNorm(
@@ -135,4 +147,5 @@ def build_model(cfg) -> M2Det:
         bn_momentum=m.bn_momentum,
         norm_momentum=m.norm_momentum,
         dtype=jnp.dtype(m.dtype),
+        remat=cfg.train.get("remat", "none"),
     )
