@@ -122,6 +122,8 @@ def test_nothing_imports_the_entry_points():
     for top in ("m2det_jax.cli", "m2det_jax.train"):
         users = sorted(m for m, deps in graph.items() if top in deps and m != "m2det_jax")
         allowed = {"m2det_jax.cli"}  # the CLI calls train_and_evaluate
+        if top == "m2det_jax.train":  # costs compiles the train step to measure it
+            allowed.add("m2det_jax.costs")
         assert set(users) <= allowed, f"{top} imported by {users}"
 
 

@@ -77,7 +77,9 @@ def test_two_processes_match_one(tmp_path, cache_dir):
     one, two = _losses(wd1), _losses(wd2)
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for s in one:
-        np.testing.assert_allclose(two[s], one[s], rtol=1e-5)
+        # 2 processes reduce over their devices in another order than 1: float32
+        # rounding only (measured 2.5e-5 relative); a data-order bug moves it by percent.
+        np.testing.assert_allclose(two[s], one[s], rtol=1e-4)
     # The two-process run checkpointed both iterator positions.
     assert (wd2 / "checkpoints" / "3").is_dir()
 
