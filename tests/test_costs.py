@@ -51,23 +51,29 @@ def test_memory_fields_and_temp_grows_with_batch(cfg, cost2):
     assert "step GFLOP/img" in table and "resnet18 64" in table
 
 
-def test_peak_tflops_lookup():
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 67
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 495
-    assert peak_tflops("NVIDIA H200", "bf16") == 989
-    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312
-    assert peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 19.5
-    assert peak_tflops("Tesla V100-SXM2-16GB", "float16") == 125
-    assert peak_tflops("Tesla V100-SXM2-16GB", "float32") == 15.7
-    assert peak_tflops("TPU v4", "bfloat16") == 275
-    assert peak_tflops("TPU v5 lite", "bfloat16") == 197
-    assert peak_tflops("TPU v5e", "bfloat16") == 197
-    assert peak_tflops("TPU v5p", "bfloat16") == 459
-    assert peak_tflops("TPU v5", "bfloat16") == 459
-    assert peak_tflops("cpu", "float32") is None
-    assert peak_tflops("TPU v4", "float32") is None
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "int4") is None
+PEAKS = [  # (device_kind, dtype, dense TFLOP/s or None)
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989),
+    ("NVIDIA H100 80GB HBM3", "float32", 67),
+    ("NVIDIA H100 80GB HBM3", "tf32", 495),
+    ("NVIDIA H200", "bf16", 989),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312),
+    ("NVIDIA A100-SXM4-40GB", "float32", 19.5),
+    ("Tesla V100-SXM2-16GB", "float16", 125),
+    ("Tesla V100-SXM2-16GB", "float32", 15.7),
+    ("TPU v4", "bfloat16", 275),
+    ("TPU v5 lite", "bfloat16", 197),
+    ("TPU v5e", "bfloat16", 197),
+    ("TPU v5p", "bfloat16", 459),
+    ("TPU v5", "bfloat16", 459),
+    ("cpu", "float32", None),
+    ("TPU v4", "float32", None),
+    ("NVIDIA H100 80GB HBM3", "int4", None),
+]
+
+
+@pytest.mark.parametrize("kind, dtype, peak", PEAKS)
+def test_peak_tflops_lookup(kind, dtype, peak):
+    assert peak_tflops(kind, dtype) == peak
 
 
 def test_cli_benchmark_train_no_run(capsys):
