@@ -26,6 +26,7 @@ import numpy as np
 from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.priors import prior_boxes
+from m2det_jax.runtime import cpu_model
 from m2det_jax.stats import count_macs
 from m2det_jax.train import TrainState, make_train_step
 
@@ -210,7 +211,8 @@ def _cost(cfg, per_device_batch: int, device=None, forward: bool = True):
     analytic = 2.0 * count_macs(model, variables, s, b) / b
     out: dict[str, Any] = {
         "backbone": str(cfg.model.backbone), "input_size": s, "dtype": str(cfg.model.dtype),
-        "batch": b, "device": device.device_kind,
+        "batch": b, "device": device.device_kind, "remat": str(cfg.train.get("remat", "none")),
+        "grad_accum_steps": k,
         "step_flops_per_image": None if step_flops is None else step_flops / b,
         "analytic_forward_flops_per_image": analytic,
         "lower_s": lower_s, "compile_s": compile_s, "memory": _memory(compiled),
@@ -298,15 +300,16 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
     """`train_step_cost` / `time_train_step` results as a fixed-width text table (GFLOPs
     per image, MiB; the timing columns only when some row was run)."""
     timed = any("s_per_step" in r for r in rows)
-    head = ["model", "dtype", "batch", "step GFLOP/img", "fwd GFLOP/img", "2xMACs GFLOP/img",
-            "step/(3xfwd)", "peak MiB", "temp MiB", "compile s"]  # fmt: skip
+    head = ["model", "dtype", "remat", "accum", "batch", "step GFLOP/img", "fwd GFLOP/img",
+            "2xMACs GFLOP/img", "step/(3xfwd)", "peak MiB", "temp MiB", "compile s"]  # fmt: skip
     if timed:
         head += ["ms/step", "img/s", "MFU"]
     table = [head]
     mib, g = 1.0 / 2**20, 1e-9
     for r in rows:
         m = r["memory"]
-        row = [f"{r['backbone']} {r['input_size']}", r["dtype"], str(r["batch"]),
+        row = [f"{r['backbone']} {r['input_size']}", r["dtype"], r.get("remat", "none"),
+               str(r.get("grad_accum_steps", 1)), str(r["batch"]),
                _num(r["step_flops_per_image"], ".2f", g),
                _num(r.get("forward_flops_per_image"), ".2f", g),
                _num(r["analytic_forward_flops_per_image"], ".2f", g),
@@ -317,7 +320,8 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
                     _num(r.get("mfu"), ".1%")]  # fmt: skip
         table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = [f"train step cost on {rows[0]['device']}" if rows else "train step cost"]
+    lines = [f"train step cost on {rows[0]['device']} (host CPU: {cpu_model()})" if rows
+             else "train step cost"]  # fmt: skip
     for j, row in enumerate(table):
         lines.append(
             "  ".join(

@@ -82,6 +82,7 @@ def test_cli_benchmark_train_no_run(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "step GFLOP/img" in out and "ms/step" not in out
+    assert "host CPU:" in out and "remat" in out  # figures name the machine and the mode
 
 
 def test_device_check_quick_on_cpu():
