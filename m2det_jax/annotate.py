@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from m2det_jax import data
+from m2det_jax.paths import as_path
 from m2det_jax.predict import make_detector
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -131,6 +132,10 @@ def _output_name(path: str, used: set[str]) -> str:
     return name
 
 
+def _pil_format(name: str) -> str:
+    return "JPEG" if name.lower().endswith((".jpg", ".jpeg")) else "PNG"
+
+
 def detect_files(
     cfg, variables, inputs: str, output_dir: str, *, score_threshold: float = 0.3,
     class_names: Sequence[str] | None = None, batch_size: int = 1,
@@ -145,7 +150,8 @@ def detect_files(
     stderr naming them. Returns the JSON list.
     """
     files = list_images(inputs)
-    os.makedirs(output_dir, exist_ok=True)
+    out = as_path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     run = make_detector(cfg, variables, batch_size=batch_size, tta_sizes=tta_sizes,
                         tta_flip=tta_flip)  # fmt: skip
     results: list[dict[str, Any]] = []
@@ -160,7 +166,8 @@ def detect_files(
             h, w = im.shape[:2]
             recs = detections_to_records(dets, i, w, h, score_threshold, class_names)
             name = _output_name(path, used)
-            draw_detections(im, recs).save(os.path.join(output_dir, name))
+            with (out / name).open("wb") as f:
+                draw_detections(im, recs).save(f, format=_pil_format(name))
             results.append({"file": os.path.abspath(path), "output": name, "width": int(w),
                             "height": int(h), "detections": recs})  # fmt: skip
             log(f"{path}: {len(recs)} detections -> {name}")
@@ -175,6 +182,5 @@ def detect_files(
         if len(pending) == batch_size:
             flush()
     flush()
-    with open(os.path.join(output_dir, "detections.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    (out / "detections.json").write_text(json.dumps(results, indent=1))
     return results

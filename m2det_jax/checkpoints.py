@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from m2det_jax import sharding as shd
 from m2det_jax.models import abstract_variables
+from m2det_jax.paths import as_path
 
 MODEL_FIELDS_THAT_CHANGE_WEIGHTS = (
     "backbone", "num_classes", "planes", "num_levels", "num_scales", "smooth", "sfam",
@@ -55,8 +56,9 @@ def check_signature(stored: dict[str, Any], cfg, where: str) -> None:
 
 
 def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0):
-    """Writes `variables` and their model config as an orbax checkpoint at `directory`."""
-    directory = os.path.abspath(os.fspath(directory))
+    """Writes `variables` and their model config as an orbax checkpoint at `directory`
+    (local or a URI such as gs://b/ckpt); returns the directory."""
+    directory = as_path(directory)
     variables = jax.tree.map(np.asarray, dict(variables))
     meta = {
         "model": model_signature(cfg),
@@ -76,22 +78,22 @@ def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "
             force=True,
         )
         mngr.wait_until_finished()
-    return directory
+    return os.fspath(directory)
 
 
-def _train_checkpoints(directory: str) -> str | None:
+def _train_checkpoints(directory):
     """`directory` or `directory/checkpoints` when it is a training run's checkpoints."""
-    for d in (directory, os.path.join(directory, "checkpoints")):
-        if os.path.isdir(d):
-            steps = [s for s in os.listdir(d) if s.isdigit()]
-            if steps and os.path.isdir(os.path.join(d, max(steps, key=int), "state")):
+    for d in (directory, directory / "checkpoints"):
+        if d.is_dir():
+            steps = [p.name for p in d.iterdir() if p.name.isdigit()]
+            if steps and (d / max(steps, key=int) / "state").is_dir():
                 return d
     return None
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    directory = as_path(directory)
+    if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     directory = _train_checkpoints(directory) or directory
     with ocp.CheckpointManager(directory) as mngr:
@@ -111,7 +113,7 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
       cfg: the config the caller will build the model from.
       sharding: optional `jax.sharding.Sharding` for every leaf (default: first device).
     """
-    directory = os.path.abspath(os.fspath(directory))
+    directory = as_path(directory)
     meta = read_meta(directory)
     check_signature(meta["model"], cfg, directory)
     train_dir = _train_checkpoints(directory)
@@ -140,8 +142,8 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
 class TrainCheckpoints:
     """The checkpoints of a training run (async saves; see the module docstring)."""
 
-    def __init__(self, directory: str, keep: int):
-        self.directory = directory
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        self.directory = as_path(directory)
         self._mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=True))  # fmt: skip
 

@@ -21,6 +21,7 @@ from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
 from m2det_jax.costs import format_cost_table, time_train_step, train_step_cost
 from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.export import export
+from m2det_jax.paths import as_path, as_str, join
 from m2det_jax.sharding import initialize_distributed
 from m2det_jax.stats import count_params, model_summary
 from m2det_jax.train import NonFiniteLossError, train_and_evaluate
@@ -72,8 +73,8 @@ def cmd_convert(args, cfg) -> int:
         raise SystemExit(f"error: {e}") from None
     if set(variables.get("params", {})) == {"backbone"}:
         print("backbone-only weights (ImageNet init): saving the backbone subtree")
-    out = args.output or os.path.join(args.workdir, "converted")
-    save_variables(out, variables, cfg, source=os.path.abspath(args.checkpoint))
+    out = as_str(args.output or join(args.workdir, "converted"))
+    save_variables(out, variables, cfg, source=as_str(args.checkpoint))
     print(f"converted {count_params(variables['params']):,} parameters -> {out}")
     return 0
 
@@ -105,7 +106,7 @@ def cmd_train(args, cfg) -> int:
 
 def cmd_eval(args, cfg) -> int:
     variables = _load_checkpoint(args.checkpoint, cfg)
-    os.makedirs(args.workdir, exist_ok=True)
+    as_path(args.workdir).mkdir(parents=True, exist_ok=True)
     m = evaluate_variables(cfg, variables, workdir=args.workdir)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
                      indent=1))  # fmt: skip
@@ -128,7 +129,7 @@ def cmd_detect(args, cfg) -> int:
             tta_flip=args.tta_flip or bool(cfg.tta.flip))  # fmt: skip
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{len(results)} images -> {os.path.join(args.output, 'detections.json')}")
+    print(f"{len(results)} images -> {join(args.output, 'detections.json')}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from m2det_jax import box_ops
+from m2det_jax.paths import as_path
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
@@ -45,16 +47,24 @@ def to_coco_results(
     ]
 
 
-def coco_evaluate(annotation_file: str, results: list[dict], image_ids=None,
-                  verbose: bool = False) -> dict[str, float]:  # fmt: skip
+def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict],
+                  image_ids=None, verbose: bool = False) -> dict[str, float]:  # fmt: skip
     """The 12 standard COCO box metrics plus `AP/<category name>` per class.
+
+    `annotation_file`: a COCO-format instances JSON (local or a URI such as gs://), or its
+    content as a dict (`m2det_jax.data.ground_truth`).
 
     Images of `image_ids` (default: all in the annotations) with no detection count as
     misses. No detections at all gives zeros, not an error.
     """
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    dataset = annotation_file
+    if not isinstance(dataset, dict):
+        dataset = json.loads(as_path(annotation_file).read_text())
     with quiet:
-        gt = COCO(annotation_file)
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
     ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     if not results:
         metrics = dict.fromkeys(METRIC_NAMES, 0.0)

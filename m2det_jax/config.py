@@ -111,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.profile_steps = (0, 0)
     c.train.remat = "none"  # activation rematerialisation, one of REMAT_MODES
     c.train.grad_accum_steps = 1  # microbatches per step (scan); 1: the plain step
+    # TFLOP/s per device the logged MFU is measured against; 0: the known peak of the
+    # device and model.dtype (m2det_jax.throughput.PEAK_TFLOPS), none on CPUs.
+    c.train.peak_tflops = 0.0
 
     c.data = ml_collections.ConfigDict()
     # "coco/2017" (prepared TFDS data, never downloaded), "shapes" (generated on first
@@ -186,6 +189,9 @@ def validate(cfg) -> None:
     k = cfg.train.get("grad_accum_steps", 1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"train.grad_accum_steps={k!r}: an integer >= 1")
+    peak = cfg.train.get("peak_tflops", 0.0)
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak >= 0:
+        raise ValueError(f"train.peak_tflops={peak!r}: TFLOP/s per device, >= 0 (0: known peak)")
     d = cfg.data
     if d.get("prefetch", 0) < -1:
         raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0 (or -1: auto)")

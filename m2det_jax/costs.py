@@ -15,7 +15,6 @@ dense peak (`PEAK_TFLOPS`, or one the caller gives).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -28,71 +27,14 @@ from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.priors import prior_boxes
 from m2det_jax.runtime import cpu_model
 from m2det_jax.stats import count_macs
-from m2det_jax.train import TrainState, make_train_step
-
-# Dense (no structured sparsity) peak TFLOP/s per chip, from the vendors' datasheets:
-# NVIDIA H100 / H200 (SXM5), A100 (SXM4 and PCIe share the 312 / 19.5 figures) and V100
-# (SXM2) datasheets; Google Cloud TPU system architecture pages (v4, v5e, v5p, v6e).
-# "fp32" is plain IEEE float32 (CUDA cores, without TF32); "tf32" the TensorFloat-32 tensor
-# core rate. V100 has no bfloat16 arithmetic (its tensor cores do float16: "fp16"), so a
-# bf16 lookup there gives None. TPUs publish no float32 peak (float32 matmuls run as several
-# bf16 passes), so their "fp32" is None too. Note: under JAX's default matmul precision,
-# float32 convolutions on Ampere and newer GPUs run as TF32, so a float32 MFU against the
-# plain fp32 peak can exceed 1.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "NVIDIA H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
-    "NVIDIA H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
-    "NVIDIA H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
-    "NVIDIA A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    "NVIDIA V100": {"fp16": 125.0, "fp32": 15.7},
-    "TPU v4": {"bf16": 275.0},
-    "TPU v5e": {"bf16": 197.0},
-    "TPU v5p": {"bf16": 459.0},
-    "TPU v6e": {"bf16": 918.0},
-}
-
-# (regular expression on the lowercased jax `device.device_kind`, PEAK_TFLOPS key), in order
-_KIND_PATTERNS = (
-    (r"h200", "NVIDIA H200"),
-    (r"h100.*pcie", "NVIDIA H100 PCIe"),
-    (r"h100", "NVIDIA H100 SXM"),
-    (r"a100", "NVIDIA A100"),
-    (r"v100", "NVIDIA V100"),
-    (r"tpu\s*v5\s*(lite|e)|v5litepod", "TPU v5e"),
-    (r"tpu\s*v5", "TPU v5p"),  # "TPU v5p" and plain "TPU v5"
-    (r"tpu\s*v6\s*(lite|e)", "TPU v6e"),
-    (r"tpu\s*v4", "TPU v4"),
+from m2det_jax.throughput import (  # noqa: F401 - PEAK_TFLOPS etc. re-exported
+    PEAK_TFLOPS,
+    compiled_flops,
+    device_family,
+    model_peak_tflops,
+    peak_tflops,
 )
-
-_DTYPE_KEYS = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
-               "float32": "fp32", "fp32": "fp32", "tf32": "tf32"}  # fmt: skip
-
-
-def device_family(device_kind: str) -> str | None:
-    """The PEAK_TFLOPS key of a jax `device_kind` string, None when unknown (e.g. CPUs)."""
-    kind = device_kind.lower()
-    for pattern, key in _KIND_PATTERNS:
-        if re.search(pattern, kind):
-            return key
-    return None
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-    """Dense peak TFLOP/s of `device_kind` (jax's `device.device_kind`, matched loosely) in
-    `dtype` ("bfloat16"/"bf16", "float16", "float32"/"fp32", "tf32"); None when unknown."""
-    family = device_family(device_kind)
-    key = _DTYPE_KEYS.get(str(dtype).lower())
-    if family is None or key is None:
-        return None
-    return PEAK_TFLOPS[family].get(key)
-
-
-def model_peak_tflops(device_kind: str, model_dtype: str) -> float | None:
-    """The peak an MFU of a model computing in `model_dtype` is measured against:
-    bfloat16 -> bf16, float16 -> fp16, anything else -> fp32."""
-    key = {"bfloat16": "bf16", "float16": "fp16"}.get(str(model_dtype), "fp32")
-    return peak_tflops(device_kind, key)
-
+from m2det_jax.train import TrainState, make_train_step
 
 # --------------------------------------------------------------------------------------
 # Abstract inputs
@@ -157,19 +99,6 @@ def _parts(cfg):
 # Reading the compiled executables
 
 
-def _flops(compiled) -> float | None:
-    """Total FLOPs of a compiled executable (cost_analysis is a dict or a list of dicts)."""
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return None
-    return float(ca["flops"])
-
-
 def _memory(compiled) -> dict[str, int | None]:
     """Bytes of the compiled memory plan; "peak" = argument + output + temp - alias."""
     try:
@@ -203,7 +132,7 @@ def _cost(cfg, per_device_batch: int, device=None, forward: bool = True):
     model, tx, _, state, step = _parts(cfg)
     state_spec = _on(device, state)
     compiled, lower_s, compile_s = _compile(step, state_spec, _on(device, batch_spec(cfg, b)))
-    step_flops = _flops(compiled)
+    step_flops = compiled_flops(compiled)
     k = int(cfg.train.get("grad_accum_steps", 1))
     if step_flops is not None and k > 1:  # XLA counts a scan (while) body once
         step_flops *= k
@@ -223,7 +152,7 @@ def _cost(cfg, per_device_batch: int, device=None, forward: bool = True):
         fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
         x = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
         fcomp, _, fcompile_s = _compile(fwd, _on(device, variables), _on(device, x))
-        fflops = _flops(fcomp)
+        fflops = compiled_flops(fcomp)
         out["forward_flops_per_image"] = None if fflops is None else fflops / b
         out["forward_over_analytic"] = None if fflops is None else fflops / b / analytic
         out["forward_compile_s"] = fcompile_s
@@ -250,7 +179,7 @@ def train_step_cost(cfg, per_device_batch: int, *, forward: bool = True) -> dict
 
 
 def time_train_step(cfg, per_device_batch: int, iters: int = 10, *,
-                    peak_tflops: float | None = None, forward: bool = True,
+                    peak_tflops: float | None = None, forward: bool = True,  # noqa: F811
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """`train_step_cost` plus the step run on the first device (a random batch, one
     warm-up, then `iters` timed steps): s_per_step, img_per_s, peak_tflops (given, else

@@ -10,7 +10,6 @@ suppressed once more (`predict.make_tta_fn`), batch-sharded like the plain path.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ from jax.experimental import multihost_utils
 from m2det_jax import data
 from m2det_jax import sharding as shd
 from m2det_jax.coco_eval import coco_evaluate, to_coco_results
+from m2det_jax.paths import as_path
 from m2det_jax.predict import config_for_size, make_predict_fn, make_tta_fn, tta_sizes
 
 DETECTION_KEYS = ("boxes", "scores", "classes", "valid")
@@ -70,7 +70,7 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
     preds = predict_split(cfg, variables, builder=builder, split=split)
     metrics: dict[str, Any] = {}
     if jax.process_index() == 0:
-        ann = cfg.data.eval_annotation_file or data.annotation_file(builder, split)
+        ann = cfg.data.eval_annotation_file or data.ground_truth(builder, split)
         results = to_coco_results(
             preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
             preds["image_id"], data.category_ids(builder),
@@ -79,6 +79,6 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
         metrics["num_images"] = int(len(preds["image_id"]))
         metrics["num_detections"] = len(results)
         if workdir:
-            with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-                json.dump({"step": step, **metrics}, f, indent=1)
+            out = as_path(workdir) / "eval_metrics.json"
+            out.write_text(json.dumps({"step": step, **metrics}, indent=1))
     return metrics

@@ -43,6 +43,7 @@ from jax._src.lib import _jax
 from jax._src.lib.mlir.dialects import hlo
 
 from m2det_jax.checkpoints import save_variables
+from m2det_jax.paths import as_path
 from m2det_jax.predict import make_predict_fn
 
 SERVING_FILE = "serving.jax_export"
@@ -96,15 +97,13 @@ def export_jax(cfg, variables, path: str, batch: int = 0) -> str:
     exp = jax.export.export(fn)(
         jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b, 2), jnp.float32)
     )
-    with open(path, "wb") as f:
-        f.write(exp.serialize())
+    as_path(path).write_bytes(bytes(exp.serialize()))
     return str(b)
 
 
 def load_serving(path: str) -> Callable[..., dict]:
     """The function saved by `export_jax`: fn(images uint8 [B,S,S,3], image_sizes [B,2])."""
-    with open(path, "rb") as f:
-        exp = jax.export.deserialize(bytearray(f.read()))
+    exp = jax.export.deserialize(bytearray(as_path(path).read_bytes()))
     return exp.call
 
 
@@ -217,10 +216,11 @@ def export(
     Returns:
       {what: path} of everything written.
     """
-    os.makedirs(output, exist_ok=True)
+    out = as_path(output)
+    out.mkdir(parents=True, exist_ok=True)
     inf = inference_variables(variables, bf16)
     source = "m2det export" + (" (bf16)" if bf16 else "")
-    written = {"variables": save_variables(os.path.join(output, "variables"), inf, cfg, source)}
+    written = {"variables": save_variables(os.fspath(out / "variables"), inf, cfg, source)}
     if serving == "auto":
         serving = "savedmodel" if savedmodel_available() else "jax"
     meta = {
@@ -242,13 +242,13 @@ def export(
         "postprocess": cfg.postprocess.to_dict(),
     }
     if serving == "jax":
-        path = os.path.join(output, SERVING_FILE)
+        path = os.fspath(out / SERVING_FILE)
         meta["batch"] = export_jax(cfg, inf, path, batch)
         written["serving"] = path
     elif serving == "savedmodel":
         if not savedmodel_available():
             raise SystemExit("error: --serving savedmodel needs orbax-export and tensorflow")
-        path = os.path.join(output, SAVED_MODEL_DIR)
+        path = os.fspath(out / SAVED_MODEL_DIR)
         batch = batch if batch > 0 else 1
         export_saved_model(cfg, inf, path, batch)
         meta["batch"] = str(batch)
@@ -256,7 +256,6 @@ def export(
     elif serving != "none":
         raise ValueError(f"serving={serving!r}: 'auto', 'jax', 'savedmodel' or 'none'")
     if serving != "none":
-        with open(os.path.join(output, "serving.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        written["serving_meta"] = os.path.join(output, "serving.json")
+        (out / "serving.json").write_text(json.dumps(meta, indent=1))
+        written["serving_meta"] = os.fspath(out / "serving.json")
     return written

@@ -15,6 +15,8 @@ import os
 
 import jax
 
+from m2det_jax.paths import join
+
 
 class StepProfiler:
     """Starts / stops the trace around the configured steps; call `before(step)` ahead of
@@ -26,7 +28,7 @@ class StepProfiler:
             raise ValueError(f"train.profile_steps={tuple(steps)}: (start, stop) with "
                              "0 <= start < stop, or (0, 0) for none")  # fmt: skip
         self.start, self.stop = start, stop
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = os.fspath(join(workdir, "profile"))
         self.active = False
 
     def before(self, step: int, state=None) -> None:

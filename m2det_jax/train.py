@@ -13,13 +13,8 @@ checkpoint holds the train state and the input iterator's position.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from m2det_jax import accumulate, data
+from m2det_jax import accumulate, data, throughput
 from m2det_jax import sharding as shd
 from m2det_jax.checkpoints import TrainCheckpoints, load_variables, model_signature
 from m2det_jax.convert import merge_variables
@@ -39,9 +33,11 @@ from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.losses import multibox_loss
 from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.paths import as_path
 from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
 from m2det_jax.profiling import StepProfiler
+from m2det_jax.runlog import MetricsLog, Preemption, write_run_info
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,60 +155,6 @@ def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
     return make, n
 
 
-class _Preemption:
-    """SIGTERM -> a flag the loop checks each step (save, then exit cleanly)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard scalars (process 0 only)."""
-
-    def __init__(self, workdir: str, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, row: dict[str, float], prefix: str = "train"):
-        if not self.enabled:
-            return
-        row = {"step": int(step), **{k: float(v) for k, v in row.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        for k, v in row.items():
-            if k != "step" and math.isfinite(v):
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
-        self._tb.flush()
-
-    def close(self):
-        if self.enabled:
-            self._file.close()
-            self._tb.close()
-
-
-def _write_run_info(workdir: str, cfg) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "command.txt"), "a") as f:
-        f.write(" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\n")
-
-
 def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -> dict:
     metrics = evaluate_fn(cfg, state.variables, step)
     if metrics and jax.process_index() == 0:
@@ -223,7 +165,10 @@ def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -
     return metrics
 
 
-LOGGED = ("loss", "loc_loss", "conf_loss", "lr", "images_per_sec", "grad_norm")
+# metrics.jsonl / TensorBoard columns of a train row; device_tflops when XLA counts the
+# step's FLOPs, mfu when the device's peak is known (or train.peak_tflops is set).
+LOGGED = ("loss", "loc_loss", "conf_loss", "lr", "grad_norm", "images_per_sec", "step_time")
+LOGGED_IF_KNOWN = ("device_tflops", "mfu")
 
 
 # --------------------------------------------------------------------------------------
@@ -255,13 +200,13 @@ def train_and_evaluate(
     Returns:
       {"step", "final_metrics", "eval_metrics", "preempted", "state"}.
     """
-    with _Preemption() as preemption:  # from the start: SIGTERM during compile counts too
+    with Preemption() as preemption:  # from the start: SIGTERM during compile counts too
         # Run directory.
-        workdir = os.path.abspath(workdir)
+        workdir = as_path(workdir)  # local (made absolute) or a URI such as gs://b/run
         is_main = jax.process_index() == 0
         if is_main:
-            os.makedirs(workdir, exist_ok=True)
-            _write_run_info(workdir, cfg)
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_run_info(workdir, cfg)
         evaluate_fn = evaluate_fn or functools.partial(evaluate_variables, workdir=workdir)
 
         # Mesh and data.
@@ -284,8 +229,7 @@ def train_and_evaluate(
         state_sharding = jax.tree.map(lambda _: shd.replicated(mesh), abstract)
 
         # Restore or init.
-        ckpts = TrainCheckpoints(os.path.join(workdir, "checkpoints"),
-                                 cfg.train.keep_checkpoints)  # fmt: skip
+        ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.train.keep_checkpoints)
         latest = ckpts.latest_step()
         if latest is not None:
             target = jax.tree.map(
@@ -335,16 +279,22 @@ def train_and_evaluate(
         last_metrics: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         preempted = False
-        t_log, n_img = time.perf_counter(), 0
+        compiled, meter = None, None
         try:
             while step < n_steps:
                 if preemption.requested:
                     preempted = True
                     break
+                batch = next(batches)
+                if compiled is None:  # compiled once ahead of time: its FLOPs give the MFU
+                    compiled = step_fn.lower(state, batch).compile()
+                    meter = throughput.meter_for(cfg, compiled, jax.devices()[0])
+                    if is_main:
+                        print(throughput.describe(meter, jax.devices()[0]), flush=True)
                 profiler.before(step, state)
-                state, metrics = step_fn(state, next(batches))
+                state, metrics = compiled(state, batch)
                 step += 1
-                n_img += cfg.train.batch_size
+                meter.tick()
                 is_log = step % cfg.train.log_every == 0 or step == n_steps
                 is_ckpt = step % cfg.train.checkpoint_every == 0
                 if is_log or is_ckpt:
@@ -357,20 +307,23 @@ def train_and_evaluate(
                             f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
                             f"{'none' if good is None else f'step {good} in {ckpts.directory}'}"
                         )
-                    m["images_per_sec"] = n_img / max(time.perf_counter() - t_log, 1e-9)
-                    t_log, n_img = time.perf_counter(), 0
+                    m.update(meter.read())
                     last_metrics = m
                     if is_log:
-                        log.write(step, {k: m[k] for k in LOGGED})
+                        log.write(step, {k: m[k] for k in LOGGED + LOGGED_IF_KNOWN if k in m})
                     if bar is not None:
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2g}",
-                                        img_s=f"{m['images_per_sec']:.1f}")  # fmt: skip
+                        post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2g}",
+                                "img_s": f"{m['images_per_sec']:.1f}"}  # fmt: skip
+                        if "mfu" in m:
+                            post["mfu"] = f"{m['mfu']:.1%}"
+                        bar.set_postfix(post)
                 if bar is not None:
                     bar.update(1)
                 if is_ckpt:
                     save(step)
                 if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
                     eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+                    meter.restart()  # the evaluation is not training throughput
         except BaseException:  # stop the reader thread and the async saves, then raise
             profiler.close()
             batches.close()

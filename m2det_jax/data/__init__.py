@@ -2,7 +2,7 @@
 
   records      one stored record -> example (OpenCV; no TFDS): decode_record, decode_image
   schema       the coco/2017-like TFDS features, prepare, data_source
-  coco_json    category_ids, annotation_file (instances JSON written from the records)
+  coco_json    category_ids, ground_truth (COCO dict from the records), annotation_file
   shapes       the synthetic shapes builder (build_shapes)
   coco_folder  a builder for any COCO-format folder (build_coco_folder)
   builders     cfg.data.dataset -> prepared builder (open_builder)
@@ -27,6 +27,7 @@ _EXPORTS = {
     "decode_record": "records",
     "data_source": "schema",
     "annotation_file": "coco_json",
+    "ground_truth": "coco_json",
     "category_ids": "coco_json",
     "open_builder": "builders",
     "DataStats": "iterator",

@@ -21,6 +21,7 @@ from tensorflow_datasets.core import read_only_builder
 from m2det_jax.data import schema
 from m2det_jax.data.coco_folder import build_coco_folder
 from m2det_jax.data.shapes import build_shapes
+from m2det_jax.paths import as_str
 
 
 def _shapes(d, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -60,7 +61,7 @@ def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.Da
     """
     d = cfg.data
     data_dir = os.fspath(data_dir) if data_dir is not None else d.get("data_dir")
-    data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
+    data_dir = as_str(data_dir or "~/tensorflow_datasets")  # gs://... kept as given
     build = GENERATED.get(d.dataset)
     builder = build(d, data_dir) if build else prepared_builder(d.dataset, data_dir)
     check_num_classes(cfg, builder)

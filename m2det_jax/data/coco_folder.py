@@ -34,6 +34,7 @@ from PIL import Image
 
 from m2det_jax import box_ops
 from m2det_jax.data import schema
+from m2det_jax.paths import as_path, as_str, is_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def coco_folder_config(
 ) -> CocoFolderConfig:
     """Config named after a hash of the absolute paths (so each folder gets its own dir)."""
     paths = [
-        os.path.abspath(os.fspath(p)) if p else ""
+        as_str(p) if p else ""
         for p in (image_dir, annotation_file, eval_image_dir, eval_annotation_file)
     ]
     digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
@@ -90,6 +91,8 @@ def resolve_image_path(image_dir: str, file_name: str, annotation_file: str = ""
             f"image file_name {file_name!r}{where}: '..' is refused; names must stay "
             f"inside the image folder {image_dir!r}"
         )
+    if is_uri(image_dir):  # object stores have no symlinks: the checks above suffice
+        return os.fspath(join(image_dir, *parts))
     root = os.path.realpath(image_dir)
     path = os.path.realpath(os.path.join(root, file_name))
     if os.path.commonpath([root, path]) != root:
@@ -101,8 +104,7 @@ def resolve_image_path(image_dir: str, file_name: str, annotation_file: str = ""
 
 
 def _load_json(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
+    data = json.loads(as_path(path).read_text())
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise ValueError(f"{path}: not a COCO instances file (no {key!r})")
@@ -160,7 +162,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
                 for im in data["images"]
             }
             for p in paths.values():
-                if not os.path.isfile(p):
+                if not as_path(p).is_file():
                     raise FileNotFoundError(f"{ann}: image file {p!r} does not exist")
             out[name] = self._generate_examples(data, paths, {cid: i for i, cid in enumerate(ids)})
         return out
@@ -173,8 +175,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         for im in data["images"]:
             image_id = int(im["id"])
             path = paths[image_id]
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = as_path(path).read_bytes()
             w, h = float(im.get("width") or 0), float(im.get("height") or 0)
             if w <= 0 or h <= 0:
                 try:

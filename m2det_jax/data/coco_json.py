@@ -1,21 +1,22 @@
 """COCO metadata of a prepared builder: category ids, and an instances JSON for evaluation.
 
 `category_ids(builder)[label]` is the COCO category id of TFDS label `label` (model label
-- 1). `annotation_file(builder, split)` is a COCO-format `instances_<split>.json` written
-from the stored records themselves, so pycocotools scores against exactly what the
-pipeline reads.
+- 1). `ground_truth(builder, split)` is the COCO-format ground truth built from the stored
+records themselves, so the evaluator scores against exactly what the pipeline reads;
+`annotation_file(builder, split)` writes it as `instances_<split>.json` for the builds
+that own their folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from m2det_jax import box_ops
 from m2det_jax.data import records, schema
+from m2det_jax.paths import as_path, write_text_atomic
 
 
 def category_ids(builder: tfds.core.DatasetBuilder) -> list[int]:
@@ -70,16 +71,29 @@ def _annotations(record: dict, height: int, width: int, cat_ids: list[int]) -> l
     ]
 
 
-def annotation_file(builder: tfds.core.DatasetBuilder, split: str) -> str:
-    """Path of a COCO-format `instances_<split>.json` for `split`; written once if absent.
+def ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict:
+    """The COCO-format ground truth of `split` as a dict (what `instances_<split>.json`
+    holds), built from the stored records so it matches what the pipeline reads.
 
-    Built from the stored records themselves (so it matches what the pipeline reads):
-    bbox in COCO xywh pixels, category ids from `category_ids(builder)`; images that do
-    not decode are left out (the pipeline skips them too). Lives in `builder.data_dir`.
+    Read from `builder.data_dir/instances_<split>.json` when a build wrote one (shapes,
+    coco_folder); otherwise built in memory, once per process, and never written: a
+    prepared data_dir may be read-only or shared. bbox in COCO xywh pixels, category ids
+    from `category_ids(builder)`; images that do not decode are left out (the pipeline
+    skips them too).
     """
-    path = os.path.join(builder.data_dir, f"instances_{split}.json")
-    if os.path.exists(path):
-        return path
+    path = as_path(builder.data_dir) / f"instances_{split}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    key = (str(builder.data_dir), builder.info.full_name, split)
+    if key not in _GROUND_TRUTH:
+        _GROUND_TRUTH[key] = _build_ground_truth(builder, split)
+    return _GROUND_TRUTH[key]
+
+
+_GROUND_TRUTH: dict[tuple[str, str, str], dict] = {}  # built once per process
+
+
+def _build_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict:
     source = schema.data_source(builder, split)
     cat_ids = category_ids(builder)
     images, annotations = [], []
@@ -95,15 +109,19 @@ def annotation_file(builder: tfds.core.DatasetBuilder, split: str) -> str:
         for ann in _annotations(rec, *hw, cat_ids):
             ann["id"] = ann["id"] or len(annotations) + 1  # not stored: 1-based position
             annotations.append(ann)
-    coco = {
+    names = schema.class_names(builder)
+    return {
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": c, "name": n} for c, n in zip(cat_ids, schema.class_names(builder), strict=True)
-        ],
+        "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, names, strict=True)],
     }
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(coco, f)
-    os.replace(tmp, path)
-    return path
+
+
+def annotation_file(builder: tfds.core.DatasetBuilder, split: str) -> str:
+    """Path of `instances_<split>.json` (`ground_truth`) in `builder.data_dir`, written if
+    absent. For the builds that own their folder (shapes, coco_folder); evaluation of a
+    prepared dataset uses `ground_truth`, which writes nothing."""
+    path = as_path(builder.data_dir) / f"instances_{split}.json"
+    if not path.exists():
+        write_text_atomic(path, json.dumps(_build_ground_truth(builder, split)))
+    return str(path)
