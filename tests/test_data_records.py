@@ -116,7 +116,7 @@ def test_package_exports():
     want = {
         "open_builder", "annotation_file", "category_ids", "make_train_iterator",
         "make_eval_iterator", "DataStats", "DetectionIterator", "decode_image", "data_source",
-        "decode_record",
+        "decode_record", "ground_truth",
     }  # fmt: skip
     assert set(data.__all__) == want
     for name in want:

@@ -94,7 +94,8 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=Fal
         def __next__(self):
             b = super().__next__()
             if nan_at is not None and self.index == nan_at:
-                b["image"] = np.full(b["image"].shape, np.nan, np.float32)  # float pixels
+                # Pixels are uint8 (no NaN): NaN boxes make the matched targets, so the loss, NaN.
+                b["boxes"] = np.full(b["boxes"].shape, np.nan, np.float32)
             if slow:
                 time.sleep(0.5)
             return b
