@@ -139,6 +139,41 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
     return restored["variables"]
 
 
+CLASS_HEADS = "conf_"  # params of the class heads (conf_0 ... conf_{S-1}): [.., A x C]
+
+
+def load_init_variables(directory: str | os.PathLike, cfg) -> tuple[dict[str, Any], list[str]]:
+    """`load_variables` for `train.init_checkpoint`, also across a change of classes.
+
+    When the checkpoint was written for another `model.num_classes` (fine-tuning the
+    released COCO weights on a VOC-format folder of C' classes) and nothing else differs,
+    every tensor loads but the class heads' (`conf_*`), whose output width is
+    anchors x classes: those stay at the model's own initialisation (PyTorch's default
+    kernel init, zero biases: every class, background included, starts at 1/C', as a new
+    head of the original starts; copying the old background row instead would start in
+    the "background everywhere" plateau, and a random head scored high gives ~1,000 boxes
+    per image). Returns (variables, one line per tensor not loaded, saying why).
+    """
+    stored = read_meta(directory)["model"]
+    want = model_signature(cfg)
+    if stored.get("num_classes") == want["num_classes"]:
+        return load_variables(directory, cfg), []
+    check_signature({**stored, "num_classes": want["num_classes"]}, cfg, directory)
+    src = cfg.copy_and_resolve_references()
+    src.model.num_classes = int(stored["num_classes"])
+    variables = load_variables(directory, src)
+    skipped = []
+    params = dict(variables["params"])
+    for name in sorted(params):
+        if name.startswith(CLASS_HEADS):
+            for leaf, arr in sorted(dict(params.pop(name)).items()):
+                skipped.append(
+                    f"params/{name}/{leaf} {list(np.shape(arr))}: written for "
+                    f"{stored['num_classes']} classes, config has {want['num_classes']}: "
+                    "re-initialised")  # fmt: skip
+    return {**variables, "params": params}, skipped
+
+
 class TrainCheckpoints:
     """The checkpoints of a training run (async saves; see the module docstring)."""
 

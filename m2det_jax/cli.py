@@ -16,7 +16,7 @@ from m2det_jax import runtime
 from m2det_jax.annotate import detect_files
 from m2det_jax.benchmark import format_table, run_benchmark
 from m2det_jax.checkpoints import ConfigMismatchError, load_variables, save_variables
-from m2det_jax.config import load_config
+from m2det_jax.config import load_config, shipped_configs
 from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
 from m2det_jax.costs import format_cost_table, time_train_step, train_step_cost
 from m2det_jax.evaluate import evaluate_variables
@@ -99,8 +99,8 @@ def cmd_train(args, cfg) -> int:
         return 0
     m = result["eval_metrics"]
     if m:
-        print("final COCO metrics: " + ", ".join(
-            f"{k} {m[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in m))
+        print("final metrics: " + ", ".join(f"{k} {m[k]:.4f}" for k in (
+            "mAP", "AP", "AP50", "AP75", "APs", "APm", "APl") if k in m))  # VOC or COCO
     return 0
 
 
@@ -114,7 +114,16 @@ def cmd_eval(args, cfg) -> int:
 
 
 def cmd_summary(args, cfg) -> int:
-    print(json.dumps(model_summary(cfg)))
+    if not args.all:
+        print(json.dumps(model_summary(cfg)))
+        return 0
+    print("| config | dataset | classes | input | params | GMACs | priors |")
+    print("|---|---|---|---|---|---|---|")
+    for name, path in shipped_configs().items():
+        c = load_config(path)
+        s = model_summary(c)
+        print(f"| {name} | {c.data.dataset} | {c.model.num_classes} | {c.model.input_size} | "
+              f"{s['params']:,} | {s['gmacs']:.2f} | {s['priors']:,} |", flush=True)
     return 0
 
 
@@ -179,13 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default=None, help="checkpoint dir (default WORKDIR/converted)")
     sp = add("verify", "parity with the original on the shipped reference + speed", cmd_verify)
     sp.add_argument("--iters", type=int, default=5)
-    add("summary", "params, GMACs per image and priors of a config", cmd_summary)
+    sp = add("summary", "params, GMACs per image and priors of a config", cmd_summary)
+    sp.add_argument("--all", action="store_true", help="a table of every shipped config")
     sp = add("train", "train (resumes from WORKDIR/checkpoints if present)", cmd_train,
              "configs/shapes.py")  # fmt: skip
     sp.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     sp.add_argument("--num_processes", type=int, default=None)
     sp.add_argument("--process_id", type=int, default=None)
-    sp = add("eval", "COCO metrics of a checkpoint on cfg.data.eval_split", cmd_eval)
+    sp = add("eval", "COCO or VOC metrics of a checkpoint on cfg.data.eval_split", cmd_eval)
     sp.add_argument("--checkpoint", required=True,
                     help="variables checkpoint (m2det convert / export) or a train workdir")
     sp = add("detect", "images / a folder / a glob -> images with boxes + detections.json",

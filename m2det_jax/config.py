@@ -26,6 +26,7 @@ POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
 # (+17% FLOPs), dots 4484: no saving yet, since VGG16 is one block and its backward holds
 # all its activations; train.grad_accum_steps=4 gives 1996 MiB.
 REMAT_MODES = ("none", "stages", "dots", "full")
+METRICS = ("auto", "coco", "voc")
 
 def default_config() -> ml_collections.ConfigDict:
     """All defaults: M2Det320-VGG as the official code configures it (docs/original.md)."""
@@ -145,10 +146,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.annotation_file = ml_collections.FieldReference(None, field_type=str)
     c.data.eval_image_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.eval_annotation_file = ml_collections.FieldReference(None, field_type=str)
+    # voc_folder only: the VOC-format folder (Annotations/, JPEGImages/, ImageSets/Main/)
+    # and its class names, in label order (empty: every name in its XMLs, sorted).
+    c.data.voc_root = ml_collections.FieldReference(None, field_type=str)
+    c.data.class_names = ()
+    # (dataset, split) pairs read after train_split for training, from the same data_dir
+    # and with the same classes: VOC07+12 is voc/2007 "train+validation" then
+    # (("voc/2012", "train+validation"),).
+    c.data.extra_train_sets = ()
+    c.data.keep_difficult = False  # VOC is_difficult boxes: dropped in training (original)
+    # Evaluation metric: "voc" (mAP at IoU 0.5, `m2det_jax.voc_eval`), "coco" (the 12
+    # COCO numbers) or "auto" (voc for datasets whose objects carry is_difficult).
+    c.data.metric = "auto"
+    c.data.voc_use_07_metric = True  # VOC2007 11-point AP (the original); False: area (2010+)
     c.data.shapes_image_size = 128  # shapes only: generated image side
     c.data.shapes_num_train = 2000
     c.data.shapes_num_validation = 200
     c.data.shapes_seed = 0
+    return c
+
+
+def voc0712(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The original's VOC0712 setting on `c` (in place; returned): 21 classes, 2007 + 2012
+    trainval for training, 2007 test with the VOC metric, step_lr.VOC epochs."""
+    c.model.num_classes = 21  # 20 + background
+    c.train.lr_epochs = (100, 150, 200, 250, 300)  # step_lr.VOC
+    c.train.num_epochs = 300
+    c.data.dataset = "voc/2007"
+    c.data.train_split = "train+validation"  # 2007 trainval
+    c.data.extra_train_sets = (("voc/2012", "train+validation"),)  # + 2012 trainval
+    c.data.eval_split = "test"
+    c.data.metric = "voc"
     return c
 
 
@@ -193,6 +221,11 @@ def validate(cfg) -> None:
     if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak >= 0:
         raise ValueError(f"train.peak_tflops={peak!r}: TFLOP/s per device, >= 0 (0: known peak)")
     d = cfg.data
+    if d.get("metric", "auto") not in METRICS:
+        raise ValueError(f"data.metric={d.metric!r}: expected one of {METRICS}")
+    for pair in d.get("extra_train_sets", ()):
+        if len(pair) != 2 or not all(isinstance(v, str) and v for v in pair):
+            raise ValueError(f"data.extra_train_sets: {pair!r} is not a (dataset, split) pair")
     if d.get("prefetch", 0) < -1:
         raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0 (or -1: auto)")
     if d.get("augment_on_device", False) and d.device_canvas < 1:
@@ -269,6 +302,18 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
             raise ValueError(f"override {item!r}: {e}") from None
 
 
+def configs_dir() -> str:
+    """The folder of the shipped configs (the repository's configs/)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_configs() -> dict[str, str]:
+    """{name: path} of every shipped config, sorted by name."""
+    d = configs_dir()
+    names = sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py")) if os.path.isdir(d) else []
+    return {n: os.path.join(d, n + ".py") for n in names}
+
+
 def load_config(
     path: str | os.PathLike, overrides: Iterable[str] = ()
 ) -> ml_collections.ConfigDict:
@@ -281,7 +326,7 @@ def load_config(
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+        here = configs_dir()
         name = os.path.basename(path)
         cand = os.path.join(here, name if name.endswith(".py") else name + ".py")
         if not os.path.exists(cand):

@@ -1,4 +1,4 @@
-"""Batch evaluation of an eval split: `predict` on every batch, COCO metrics on host 0.
+"""Batch evaluation of an eval split: `predict` on every batch, COCO or VOC metrics on host 0.
 
 Every image of the split is scored exactly once (the last batch is padded and masked);
 images without detections still count. Boxes go back to original pixels, classes to
@@ -21,6 +21,7 @@ from m2det_jax import sharding as shd
 from m2det_jax.coco_eval import coco_evaluate, to_coco_results
 from m2det_jax.paths import as_path
 from m2det_jax.predict import config_for_size, make_predict_fn, make_tta_fn, tta_sizes
+from m2det_jax.voc_eval import voc_evaluate
 
 DETECTION_KEYS = ("boxes", "scores", "classes", "valid")
 
@@ -61,24 +62,52 @@ def predict_split(
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
+def metric_of(cfg, builder) -> str:
+    """"voc" or "coco": cfg.data.metric, with "auto" -> voc for VOC-like datasets."""
+    metric = cfg.data.get("metric", "auto")
+    if metric == "auto":
+        return "voc" if data.is_voc(builder) else "coco"
+    return metric
+
+
 def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
                        workdir: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """COCO metrics of `variables` on cfg.data.eval_split; written to
-    `<workdir>/eval_metrics.json` when a workdir is given (process 0)."""
+    """Metrics of `variables` on cfg.data.eval_split (`metric_of`: COCO's 12 numbers and
+    AP per class, or VOC mAP and AP per class); written to `<workdir>/eval_metrics.json`
+    when a workdir is given (process 0)."""
     builder = builder if builder is not None else data.open_builder(cfg)
     split = cfg.data.eval_split
     preds = predict_split(cfg, variables, builder=builder, split=split)
     metrics: dict[str, Any] = {}
     if jax.process_index() == 0:
-        ann = cfg.data.eval_annotation_file or data.ground_truth(builder, split)
-        results = to_coco_results(
-            preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
-            preds["image_id"], data.category_ids(builder),
-            cfg.postprocess.pixel_offset)  # fmt: skip
-        metrics = coco_evaluate(ann, results, image_ids=preds["image_id"])
-        metrics["num_images"] = int(len(preds["image_id"]))
-        metrics["num_detections"] = len(results)
+        if metric_of(cfg, builder) == "voc":
+            metrics = voc_metrics(cfg, builder, split, preds)
+        else:
+            ann = cfg.data.eval_annotation_file or data.ground_truth(builder, split)
+            results = to_coco_results(
+                preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
+                preds["image_id"], data.category_ids(builder),
+                cfg.postprocess.pixel_offset)  # fmt: skip
+            metrics = coco_evaluate(ann, results, image_ids=preds["image_id"])
+            metrics["num_images"] = int(len(preds["image_id"]))
+            metrics["num_detections"] = len(results)
         if workdir:
             out = as_path(workdir) / "eval_metrics.json"
             out.write_text(json.dumps({"step": step, **metrics}, indent=1))
     return metrics
+
+
+def voc_metrics(cfg, builder, split: str, preds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """VOC mAP (IoU > 0.5, difficult boxes ignored) of `predict_split` output."""
+    gt = data.voc_ground_truth(builder, split)
+    dets = {}
+    for i, image_id in enumerate(preds["image_id"].tolist()):
+        keep = preds["valid"][i]
+        dets[image_id] = {"boxes": preds["boxes"][i][keep], "scores": preds["scores"][i][keep],
+                          "labels": preds["classes"][i][keep]}  # fmt: skip
+    gt = {k: v for k, v in gt.items() if k in dets}  # the images that were evaluated
+    m = voc_evaluate(gt, dets, data.class_names(builder),
+                     use_07_metric=bool(cfg.data.get("voc_use_07_metric", True)))  # fmt: skip
+    m["num_images"] = int(m["num_images"])
+    m["num_detections"] = int(m["num_detections"])
+    return m

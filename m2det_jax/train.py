@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from m2det_jax import accumulate, data, throughput
 from m2det_jax import sharding as shd
-from m2det_jax.checkpoints import TrainCheckpoints, load_variables, model_signature
+from m2det_jax.checkpoints import TrainCheckpoints, load_init_variables, model_signature
 from m2det_jax.convert import merge_variables
 from m2det_jax.data import augment, device_augment
 from m2det_jax.evaluate import evaluate_variables
@@ -160,7 +160,7 @@ def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -
     if metrics and jax.process_index() == 0:
         log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   prefix="eval")  # fmt: skip
-        main = {k: round(metrics[k], 4) for k in ("AP", "AP50", "AP75") if k in metrics}
+        main = {k: round(metrics[k], 4) for k in ("mAP", "AP", "AP50", "AP75") if k in metrics}
         print(f"eval at step {step}: {main}", flush=True)
     return metrics
 
@@ -244,8 +244,11 @@ def train_and_evaluate(
         else:
             init_vars = None
             if cfg.train.init_checkpoint:  # `m2det convert` output, full model or backbone
-                init_vars = load_variables(cfg.train.init_checkpoint, cfg)
+                init_vars, skipped = load_init_variables(cfg.train.init_checkpoint, cfg)
                 init_vars = jax.tree.map(np.asarray, init_vars)
+                if is_main:
+                    print(f"init from {cfg.train.init_checkpoint}"
+                          + "".join(f"\n  not loaded: {line}" for line in skipped), flush=True)
             state = jax.jit(functools.partial(create, init_variables=init_vars),
                             out_shardings=state_sharding)(rng)  # fmt: skip
 

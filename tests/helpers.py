@@ -169,3 +169,55 @@ def run_worker_processes(args, nproc, env, timeout=600):
     for p in procs:
         _, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-3000:]
+
+
+# ------------------------------------------------------------------ VOC-format folders
+VOC_COLORS = ((220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 200, 30), (200, 40, 200))
+
+
+def voc_xml(name, width, height, objects) -> str:
+    """A PASCAL VOC annotation; objects: (class name, (x1, y1, x2, y2), difficult)."""
+    objs = "".join(
+        f"<object><name>{c}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<difficult>{int(d)}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for c, b, d in objects
+    )
+    return (f"<annotation><folder>VOC</folder><filename>{name}.jpg</filename><size>"
+            f"<width>{width}</width><height>{height}</height><depth>3</depth></size>"
+            f"{objs}</annotation>")  # fmt: skip
+
+
+def write_voc_folder(root, classes, splits, size=(96, 80), seed=0, per_image=2):
+    """A VOC-format folder of painted boxes: splits {name: number of images}; image ids
+    are numbered across splits ("000001", ...). Every image's first box is difficult in
+    one image out of four. Returns {image id: [(class, box, difficult), ...]}."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    out, k = {}, 0
+    for split, n in splits.items():
+        ids = []
+        for _ in range(n):
+            k += 1
+            image_id = f"{k:06d}"
+            img = np.full((h, w, 3), 128, np.uint8)
+            objects = []
+            for j in range(per_image):
+                c = int(rng.integers(len(classes)))
+                bw, bh = int(rng.integers(w // 5, w // 2)), int(rng.integers(h // 5, h // 2))
+                x1, y1 = int(rng.integers(1, w - bw)), int(rng.integers(1, h - bh))
+                box = (x1, y1, x1 + bw, y1 + bh)
+                img[y1:y1 + bh, x1:x1 + bw] = VOC_COLORS[c % len(VOC_COLORS)]
+                objects.append((classes[c], box, j == 0 and k % 4 == 0))
+            cv2.imwrite(os.path.join(root, "JPEGImages", image_id + ".jpg"), img[..., ::-1])
+            with open(os.path.join(root, "Annotations", image_id + ".xml"), "w") as f:
+                f.write(voc_xml(image_id, w, h, objects))
+            out[image_id] = objects
+            ids.append(image_id)
+        with open(os.path.join(root, "ImageSets", "Main", split + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    return out

@@ -19,8 +19,10 @@ ORDER = (
     "records",
     "schema",
     "coco_json",
+    "voc",
     "shapes",
     "coco_folder",
+    "voc_folder",
     "builders",
     "augment",
     "device_augment",
@@ -116,7 +118,7 @@ def test_package_exports():
     want = {
         "open_builder", "annotation_file", "category_ids", "make_train_iterator",
         "make_eval_iterator", "DataStats", "DetectionIterator", "decode_image", "data_source",
-        "decode_record", "ground_truth",
+        "decode_record", "ground_truth", "class_names", "is_voc", "voc_ground_truth",
     }  # fmt: skip
     assert set(data.__all__) == want
     for name in want:

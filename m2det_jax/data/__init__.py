@@ -3,8 +3,10 @@
   records      one stored record -> example (OpenCV; no TFDS): decode_record, decode_image
   schema       the coco/2017-like TFDS features, prepare, data_source
   coco_json    category_ids, ground_truth (COCO dict from the records), annotation_file
+  voc          VOC ground truth of a prepared builder (is_voc, voc_ground_truth)
   shapes       the synthetic shapes builder (build_shapes)
   coco_folder  a builder for any COCO-format folder (build_coco_folder)
+  voc_folder   a builder for any VOC-format folder (build_voc_folder)
   builders     cfg.data.dataset -> prepared builder (open_builder)
   augment      train augmentation, eval resize (OpenCV, on the host)
   device_augment  the same augmentation batched in JAX, inside the jitted train step
@@ -29,6 +31,9 @@ _EXPORTS = {
     "annotation_file": "coco_json",
     "ground_truth": "coco_json",
     "category_ids": "coco_json",
+    "class_names": "schema",
+    "is_voc": "voc",
+    "voc_ground_truth": "voc",
     "open_builder": "builders",
     "DataStats": "iterator",
     "DetectionIterator": "iterator",

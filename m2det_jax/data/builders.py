@@ -4,8 +4,10 @@ Datasets by `cfg.data.dataset` (`GENERATED` maps the names we build ourselves):
   * "shapes": generated on first use (`shapes.build_shapes`).
   * "coco_folder": built on first use from `cfg.data.image_dir` + `cfg.data.annotation_file`
     (`coco_folder.build_coco_folder`).
-  * any other name, e.g. "coco/2017" (or any TFDS detection set with coco/2017's
-    features): must already be prepared (array_record) in `cfg.data.data_dir`; it is
+  * "voc_folder": built on first use from the VOC-format folder `cfg.data.voc_root`
+    (`voc_folder.build_voc_folder`; classes `cfg.data.class_names`, or inferred).
+  * any other name, e.g. "coco/2017", "voc/2007", "voc/2012" (or any TFDS detection set
+    with their features): must already be prepared (array_record) in `cfg.data.data_dir`; it is
     opened from its files (`prepared_builder`), so neither TensorFlow nor the network
     is needed.
 """
@@ -21,6 +23,7 @@ from tensorflow_datasets.core import read_only_builder
 from m2det_jax.data import schema
 from m2det_jax.data.coco_folder import build_coco_folder
 from m2det_jax.data.shapes import build_shapes
+from m2det_jax.data.voc_folder import build_voc_folder
 from m2det_jax.paths import as_str
 
 
@@ -32,6 +35,10 @@ def _shapes(d, data_dir: str) -> tfds.core.DatasetBuilder:
         num_validation=d.shapes_num_validation,
         seed=d.shapes_seed,
     )
+
+
+def _voc_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
+    return build_voc_folder(data_dir, root=d.voc_root, class_names=tuple(d.class_names))
 
 
 def _coco_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -48,7 +55,29 @@ def _coco_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
 GENERATED: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
     "shapes": _shapes,
     "coco_folder": _coco_folder,
+    "voc_folder": _voc_folder,
 }
+
+
+def data_dir_of(cfg) -> str:
+    """cfg.data.data_dir as a string (None: TFDS's default ~/tensorflow_datasets)."""
+    return as_str(cfg.data.get("data_dir") or "~/tensorflow_datasets")
+
+
+def train_source(cfg, builder: tfds.core.DatasetBuilder, split: str | None = None):
+    """The training records: `split` (default cfg.data.train_split) of `builder`, followed
+    by every (dataset, split) of cfg.data.extra_train_sets (e.g. VOC 2012 trainval after
+    2007's), which must be prepared in the same data_dir and have the same classes."""
+    sources = [schema.data_source(builder, split or cfg.data.train_split)]
+    for name, extra_split in cfg.data.get("extra_train_sets", ()):
+        other = prepared_builder(name, data_dir_of(cfg))
+        if schema.class_names(other) != schema.class_names(builder):
+            raise ValueError(
+                f"data.extra_train_sets: {name!r} has classes {schema.class_names(other)}, "
+                f"{cfg.data.dataset!r} has {schema.class_names(builder)}"
+            )
+        sources.append(schema.data_source(other, extra_split))
+    return sources[0] if len(sources) == 1 else schema.ConcatSource(sources)
 
 
 def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:

@@ -58,10 +58,12 @@ def _annotations(record: dict, height: int, width: int, cat_ids: list[int]) -> l
     labels = _column(obj, "label", n, 0).astype(np.int64)
     ann_ids = _column(obj, "id", n, 0).astype(np.int64)
     crowd = _column(obj, "is_crowd", n, False).astype(bool)
+    # VOC's difficult objects: ignored by the VOC metric, so ignore regions for COCO's too.
+    crowd |= _column(obj, "is_difficult", n, False).astype(bool)
     return [
         {
             "id": int(ann_ids[k]),
-            "image_id": int(np.asarray(record["image/id"]).item()),
+            "image_id": records.image_id(record),
             "category_id": cat_ids[int(labels[k])],
             "bbox": [float(v) for v in xywh[k]],
             "area": float(area[k]),
@@ -102,7 +104,7 @@ def _build_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict:
         hw = records.image_hw(rec["image"])
         if hw is None:  # corrupt images are not evaluated
             continue
-        image_id = int(np.asarray(rec["image/id"]).item())
+        image_id = records.image_id(rec)
         fname = rec.get("image/filename", b"")
         fname = fname.decode() if isinstance(fname, bytes) else str(fname)
         images.append({"id": image_id, "file_name": fname, "height": hw[0], "width": hw[1]})

@@ -29,6 +29,7 @@ class ExampleParams:
     size: int
     max_boxes: int
     include_crowd: bool
+    keep_difficult: bool
     expand_prob: float
     fill_rgb: tuple[int, int, int]
     canvas: int = 0  # > 0: pad to this canvas for on-device augmentation
@@ -40,6 +41,7 @@ class ExampleParams:
             size=int(cfg.model.input_size),
             max_boxes=int(cfg.data.max_boxes),
             include_crowd=bool(cfg.data.include_crowd),
+            keep_difficult=bool(cfg.data.get("keep_difficult", False)),
             expand_prob=float(cfg.data.expand_prob),
             fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means),
             canvas=int(cfg.data.device_canvas) if cfg.data.get("augment_on_device") else 0,
@@ -91,7 +93,7 @@ class TrainExample(grain.RandomMapTransform):
         self.image_shape = (p.size, p.size, 3)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        ex, stats = records.decode_record(record, self.p.include_crowd)
+        ex, stats = records.decode_record(record, self.p.include_crowd, self.p.keep_difficult)
         if ex is None:
             return _skipped(stats)
         img, boxes, labels, fell_back = augment.train_augment(
@@ -115,7 +117,7 @@ class EvalExample(grain.MapTransform):
         self.image_shape = (p.size, p.size, 3)
 
     def map(self, record: dict) -> dict:
-        ex, stats = records.decode_record(record, self.p.include_crowd)
+        ex, stats = records.decode_record(record, self.p.include_crowd, self.p.keep_difficult)
         if ex is None:
             return _skipped(stats)
         image = augment.resize(ex["image"], self.p.size)
@@ -144,7 +146,7 @@ class CanvasExample(grain.MapTransform):
         self.image_shape = (p.canvas, p.canvas, 3)
 
     def map(self, record: dict) -> dict:
-        ex, stats = records.decode_record(record, self.p.include_crowd)
+        ex, stats = records.decode_record(record, self.p.include_crowd, self.p.keep_difficult)
         if ex is None:
             return _skipped(stats)
         image, covered = place_on_canvas(ex["image"], self.p.canvas)

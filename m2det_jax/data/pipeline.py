@@ -106,14 +106,14 @@ def make_train_iterator(
     Args:
       cfg: config (model.input_size, preprocess.*, data.*, train.batch_size, train.seed).
       builder: a prepared TFDS builder; default `builders.open_builder(cfg)`.
-      split: default cfg.data.train_split.
+      split: default cfg.data.train_split; cfg.data.extra_train_sets follow it.
       global_batch_size: default cfg.train.batch_size; each host gets 1/process_count.
       seed: shuffle + augmentation seed; default cfg.train.seed.
       num_workers: grain worker processes; default cfg.data.num_workers (-1 = auto).
       shard_index, shard_count: this host's shard; default jax.process_index()/count().
     """
     builder = builder if builder is not None else builders.open_builder(cfg)
-    source = schema.data_source(builder, split or cfg.data.train_split)
+    source = builders.train_source(cfg, builder, split)
     shard = _shard(shard_index, shard_count, drop_remainder=True)
     b = _per_host(global_batch_size or cfg.train.batch_size, shard, "train batch size")
     sampler = grain.IndexSampler(

@@ -11,6 +11,7 @@ background); `coco_json.category_ids(builder)[label - 1]` is the COCO category i
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
@@ -27,6 +28,7 @@ STAT_KEYS = (
     "bad_boxes",  # non-finite or degenerate (zero/negative size after clipping): dropped
     "clipped_boxes",  # boxes partly outside [0, 1]: clipped
     "crowd_boxes",  # is_crowd boxes dropped (cfg.data.include_crowd False)
+    "difficult_boxes",  # VOC is_difficult boxes dropped (cfg.data.keep_difficult False)
     "empty_images",  # images left with no box (kept; train: only resized)
     "truncated_boxes",  # boxes beyond cfg.data.max_boxes: dropped
     "augment_fallbacks",  # augmentation left no box >= min size: un-augmented image used
@@ -99,12 +101,37 @@ def clean_boxes(
     return clipped[ok], labels[ok]
 
 
-def decode_record(record: dict, include_crowd: bool = False) -> tuple[dict | None, dict]:
+def image_id_from_name(name: str | bytes) -> int:
+    """A stable integer id for an image file name without one (TFDS voc/20xx records,
+    VOC-format folders): its digits when the stem is digits and underscores (VOC's
+    "000005.jpg" -> 5, "2008_000008.jpg" -> 2008000008), else 48 bits of its SHA-1."""
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    stem = name.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    digits = stem.replace("_", "")
+    if digits.isdigit() and len(digits) <= 18:
+        return int(digits)
+    return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16)
+
+
+def image_id(record: dict) -> int:
+    """The record's `image/id`, or `image_id_from_name` of its `image/filename`."""
+    if "image/id" in record:
+        return int(np.asarray(record["image/id"]).item())
+    name = record.get("image/filename")
+    if name is None:
+        return -1
+    return image_id_from_name(np.asarray(name).item() if isinstance(name, np.ndarray) else name)
+
+
+def decode_record(
+    record: dict, include_crowd: bool = False, keep_difficult: bool = False
+) -> tuple[dict | None, dict]:
     """One TFDS record -> (example or None if unusable, per-example stats).
 
     The example: image uint8 RGB [H, W, 3], boxes float32 [N, 4] normalized xyxy,
     labels int32 [N] in 1..C-1, image_id int64, image_sizes int32 [2] (height, width of
-    the stored image).
+    the stored image). COCO `is_crowd` boxes are dropped unless `include_crowd`, VOC
+    `is_difficult` ones unless `keep_difficult` (the original trains without them).
     """
     stats = new_stats()
     stats["examples"] = 1
@@ -122,12 +149,18 @@ def decode_record(record: dict, include_crowd: bool = False) -> tuple[dict | Non
         if not include_crowd:
             stats["crowd_boxes"] += int(crowd.sum())
             bbox, label = bbox[~crowd], label[~crowd]
+    if "is_difficult" in objects and len(bbox) and not keep_difficult:
+        hard = np.asarray(objects["is_difficult"]).reshape(-1)[:n].astype(bool)
+        if "is_crowd" in objects and not include_crowd:
+            hard = hard[~crowd]
+        stats["difficult_boxes"] += int(hard.sum())
+        bbox, label = bbox[~hard], label[~hard]
     boxes, label = clean_boxes(bbox, label, stats)
     example = {
         "image": image,
         "boxes": boxes,
         "labels": (label + 1).astype(np.int32),
-        "image_id": np.int64(np.asarray(record.get("image/id", -1)).item()),
+        "image_id": np.int64(image_id(record)),
         "image_sizes": np.array(image.shape[:2], np.int32),
     }
     return example, stats

@@ -8,6 +8,8 @@ read with `data_source` (images left encoded; `records.decode_record` decodes th
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -129,9 +131,13 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
 def data_source(builder: tfds.core.DatasetBuilder, split: str):
     """Random-access source over `split` (array_record); images stay encoded bytes.
 
-    Images are decoded later, in `records.decode_record`, so a corrupt one is counted,
-    not fatal.
+    `split` may join splits with "+" ("train+validation": VOC's trainval), read one after
+    the other. Images are decoded later, in `records.decode_record`, so a corrupt one is
+    counted, not fatal.
     """
+    parts = [p.strip() for p in split.split("+")]
+    if len(parts) > 1:
+        return ConcatSource([data_source(builder, p) for p in parts])
     try:
         return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
@@ -140,3 +146,24 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
             f"{builder.data_dir!r} ({type(e).__name__}: {e}). Prepare it first (array_record "
             f"format; TFDS Python API with download=False / a local data_dir)."
         ) from e
+
+
+class ConcatSource:
+    """Random access over several sources, one after the other (VOC 07+12 trainval)."""
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        self._ends = np.cumsum([len(s) for s in self.sources]).tolist()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        k = bisect.bisect_right(self._ends, index)
+        return self.sources[k][index - (self._ends[k - 1] if k else 0)]
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({self.sources!r})"

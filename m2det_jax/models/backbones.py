@@ -10,19 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from m2det_jax.models.layers import max_pool, remat_block
 
-# (name, out channels) per conv of VGG16-reduced; "pool" entries are max pools.
-# Index in the original `base` ModuleList: conv1_1=0, ..., conv6=31, conv7=33.
-VGG_LAYERS = (
-    ("conv1_1", 64), ("conv1_2", 64), ("pool1", None),
-    ("conv2_1", 128), ("conv2_2", 128), ("pool2", None),
-    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256), ("pool3", None),
-    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512), ("pool4", None),
-    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512), ("pool5", None),
-)
+# Output channels of each conv of VGG16-reduced.
+VGG_FEATURES = {
+    "conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256,
+    "conv3_2": 256, "conv3_3": 256, "conv4_1": 512, "conv4_2": 512, "conv4_3": 512,
+    "conv5_1": 512, "conv5_2": 512, "conv5_3": 512, "conv6": 1024, "conv7": 1024,
+}  # fmt: skip
+# Index of each conv in the original `base` ModuleList.
 VGG_TORCH_INDEX = {
     "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12,
     "conv3_3": 14, "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26,
@@ -30,32 +29,59 @@ VGG_TORCH_INDEX = {
 }  # fmt: skip
 
 
+# VGG16-reduced cut into the stages that `train.remat` rematerialises one at a time: each
+# ends where the next pool begins, so a stage's output is its only activation kept for
+# backward. Stage 4 ends at conv4_3, the shallow tap.
+VGG_STAGES = (
+    ("conv1_1", "conv1_2"),
+    ("pool1", "conv2_1", "conv2_2"),
+    ("pool2", "conv3_1", "conv3_2", "conv3_3"),
+    ("pool3", "conv4_1", "conv4_2", "conv4_3"),
+    ("pool4", "conv5_1", "conv5_2", "conv5_3", "pool5", "conv6", "conv7"),
+)
+
+
 class VGG16Reduced(nn.Module):
-    """SSD's VGG16 with fc6/fc7 as a dilated conv6 and a 1x1 conv7 (no BatchNorm)."""
+    """SSD's VGG16 with fc6/fc7 as a dilated conv6 and a 1x1 conv7 (no BatchNorm).
+
+    `remat` "stages"/"dots" rematerialise each of `VGG_STAGES` on its own (one block for the
+    whole backbone would hold all its activations during its backward: no saving). The
+    parameter names do not depend on `remat`.
+    """
 
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
-        shallow = None
-        for name, features in VGG_LAYERS:
+        stage = VGG16Reduced._stage
+        if self.remat in ("stages", "dots"):
+            policy = jax.checkpoint_policies.dots_saveable if self.remat == "dots" else None
+            stage = nn.remat(VGG16Reduced._stage, static_argnums=(2,), policy=policy)
+        for layers in VGG_STAGES[:4]:
+            x = stage(self, x, layers)
+        shallow = x  # [B, S/8, S/8, 512] after the conv4_3 ReLU
+        return shallow, stage(self, x, VGG_STAGES[4])  # deep: [B, S/16, S/16, 1024]
+
+    def _stage(self, x, layers: tuple[str, ...]):
+        for name in layers:
             if name == "pool3":
                 x = max_pool(x, 2, 2, ceil_mode=True)
             elif name == "pool5":
                 x = max_pool(x, 3, 1, padding=1)
             elif name.startswith("pool"):
                 x = max_pool(x, 2, 2)
+            elif name == "conv6":
+                x = nn.Conv(VGG_FEATURES[name], (3, 3), padding=6, kernel_dilation=6,
+                            dtype=self.dtype, name=name)(x)  # fmt: skip
+            elif name == "conv7":
+                x = nn.Conv(VGG_FEATURES[name], (1, 1), dtype=self.dtype, name=name)(x)
             else:
-                x = nn.relu(nn.Conv(features, (3, 3), padding=1, dtype=self.dtype, name=name)(x))
-                if name == "conv4_3":
-                    shallow = x  # [B, S/8, S/8, 512]
-        x = nn.Conv(
-            1024, (3, 3), padding=6, kernel_dilation=6, dtype=self.dtype, name="conv6"
-        )(x)
-        x = nn.relu(x)
-        x = nn.relu(nn.Conv(1024, (1, 1), dtype=self.dtype, name="conv7")(x))
-        return shallow, x  # deep: [B, S/16, S/16, 1024]
+                x = nn.Conv(VGG_FEATURES[name], (3, 3), padding=1, dtype=self.dtype, name=name)(x)
+            if not name.startswith("pool"):
+                x = nn.relu(x)
+        return x
 
 
 class ResNetBlock(nn.Module):
@@ -142,10 +168,10 @@ class ResNet(nn.Module):
 
 def make_backbone(name: str, dtype, layer3_stride: int = 1, momentum: float = 0.9,
                   width: int = 64, remat: str = "none") -> nn.Module:  # fmt: skip
-    """The backbone module, named "backbone". `remat` ("stages"/"dots"): VGG (no submodules)
-    is rematerialised as one block, ResNet per residual block."""
+    """The backbone module, named "backbone". `remat` ("stages"/"dots"): VGG is
+    rematerialised per stage (`VGG_STAGES`), ResNet per residual block."""
     if name == "vgg16":
-        return remat_block(VGG16Reduced, remat, 2)(dtype=dtype, name="backbone")
+        return VGG16Reduced(dtype=dtype, remat=remat, name="backbone")
     if name.startswith("resnet") and int(name[6:]) in RESNET_SPECS:
         return ResNet(int(name[6:]), layer3_stride, width, momentum, dtype=dtype,
                       remat=remat, name="backbone")  # fmt: skip

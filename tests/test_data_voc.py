@@ -1,0 +1,229 @@
+"""PASCAL VOC data: the VOC-format folder builder, TFDS voc/2007 through the same reader,
+07+12-style concatenation, difficult objects, the VOC metric end to end, fine-tuning onto
+another number of classes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from m2det_jax import data, load_config
+from m2det_jax.coco_eval import coco_evaluate, to_coco_results
+from m2det_jax.evaluate import voc_metrics
+from tests.helpers import (
+    OVERRIDES,
+    config_path,
+    small_data_config,
+    stored_records,
+    voc_xml,
+    write_voc_folder,
+)
+
+CLASSES = ("cat", "dog", "bird")
+
+
+def _voc_cfg(root, data_dir, **extra):
+    return small_data_config(dataset="voc_folder", voc_root=str(root), data_dir=str(data_dir),
+                             train_split="trainval", eval_split="test", **extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc") / "VOC"
+    write_voc_folder(str(root), CLASSES, {"trainval": 12, "test": 6})
+    return root
+
+
+def _break(root):
+    """One corrupt XML, one corrupt image, one box with xmax <= xmin, in trainval."""
+    with open(root / "Annotations" / "000001.xml", "w") as f:
+        f.write("<annotation><object>")
+    with open(root / "JPEGImages" / "000002.jpg", "wb") as f:
+        f.write(b"not a jpeg")
+    with open(root / "Annotations" / "000003.xml", "w") as f:
+        f.write(voc_xml("000003", 96, 80, [("cat", (10, 10, 40, 40), False),
+                                           ("dog", (50, 10, 50, 30), False)]))  # fmt: skip
+
+
+def test_voc_folder_builds_validates_and_reads(tmp_path):
+    root = tmp_path / "VOC"
+    truth = write_voc_folder(str(root), CLASSES, {"trainval": 8, "test": 4})
+    _break(root)
+    cfg = _voc_cfg(root, tmp_path / "tfds")
+    builder = data.open_builder(cfg)
+    assert data.class_names(builder) == sorted(CLASSES)  # inferred, sorted
+    assert data.is_voc(builder)
+    stats = builder.info.metadata["build_stats"]
+    assert (stats["bad_xml"], stats["bad_images"], stats["bad_boxes"]) == (1, 1, 1)
+    assert any("000001.xml" in s for s in stats["skipped_files"])
+    assert any("000002.jpg" in s for s in stats["skipped_files"])
+    recs = stored_records(builder, "trainval")
+    assert len(recs) == 6 and len(stored_records(builder, "test")) == 4
+    names = sorted(CLASSES)
+    for rec in recs:
+        fname = rec["image/filename"]
+        image_id = (fname.decode() if isinstance(fname, bytes) else str(fname))[:-4]
+        assert int(rec["image/id"]) == int(image_id)
+        want = truth[image_id] if image_id != "000003" else [("cat", (10, 10, 40, 40), False)]
+        yxyx = np.asarray(rec["objects"]["bbox"]).reshape(-1, 4)
+        # The XML's pixels / size, unshifted (as TFDS's voc builder stores them).
+        np.testing.assert_allclose(yxyx * [80, 96, 80, 96],
+                                   [[b[1], b[0], b[3], b[2]] for _, b, _ in want], atol=1e-4)
+        assert [names[i] for i in rec["objects"]["label"]] == [c for c, _, _ in want]
+        assert list(rec["objects"]["is_difficult"]) == [d for _, _, d in want]
+
+    # Difficult boxes: dropped (counted) in training unless data.keep_difficult.
+    it = data.make_train_iterator(cfg, builder=builder, global_batch_size=6, shard_count=1)
+    next(it)
+    assert it.stats.counts["difficult_boxes"] > 0
+    cfg.data.keep_difficult = True
+    it = data.make_train_iterator(cfg, builder=builder, global_batch_size=6, shard_count=1)
+    next(it)
+    assert it.stats.counts["difficult_boxes"] == 0
+
+
+def test_voc_folder_refuses_unknown_classes_and_escaping_ids(tmp_path, voc_root):
+    cfg = _voc_cfg(voc_root, tmp_path / "tfds", class_names=("cat", "dog"))
+    with pytest.raises(ValueError, match=r"\.xml: class 'bird' is not in data.class_names"):
+        data.open_builder(cfg)
+    root = tmp_path / "bad"
+    write_voc_folder(str(root), CLASSES, {"trainval": 2})
+    with open(root / "ImageSets" / "Main" / "trainval.txt", "a") as f:
+        f.write("../../etc/passwd\n")
+    with pytest.raises(ValueError, match=r"trainval.txt.*'\.\.' is refused"):
+        data.open_builder(_voc_cfg(root, tmp_path / "tfds"))
+
+
+def test_voc_folder_rebuilds_when_annotations_change(tmp_path):
+    root = tmp_path / "VOC"
+    write_voc_folder(str(root), CLASSES, {"trainval": 3, "test": 1})
+    cfg = _voc_cfg(root, tmp_path / "tfds")
+    first = data.open_builder(cfg)
+    again = data.open_builder(cfg)
+    assert again.data_dir == first.data_dir  # unchanged inputs: the same build
+    xml = root / "Annotations" / "000001.xml"
+    xml.write_text(voc_xml("000001", 96, 80, [("dog", (5, 6, 30, 40), False)]))
+    st = os.stat(xml)
+    os.utime(xml, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    edited = data.open_builder(cfg)
+    assert edited.data_dir != first.data_dir
+    (rec,) = [r for r in stored_records(edited, "trainval") if int(r["image/id"]) == 1]
+    np.testing.assert_allclose(np.asarray(rec["objects"]["bbox"]).reshape(-1, 4),
+                               [[6 / 80, 5 / 96, 40 / 80, 30 / 96]], atol=1e-6)  # fmt: skip
+
+
+def _ground_truth_as_detections(cfg, builder, split):
+    """What `predict_split` returns if the network output the eval pipeline's boxes."""
+    rows = {"boxes": [], "scores": [], "classes": [], "valid": [], "image_id": []}
+    it = data.make_eval_iterator(cfg, builder=builder, split=split, global_batch_size=4,
+                                 shard_count=1)  # fmt: skip
+    for _ in range(it.num_batches):
+        b = next(it)
+        m = b["mask"]
+        hw = b["image_sizes"][:, ::-1].astype(np.float64)  # (width, height)
+        rows["boxes"].append((b["boxes"] * np.tile(hw, 2)[:, None, :])[m])
+        rows["scores"].append(np.where(b["valid"], 0.9, 0.0)[m])
+        rows["classes"].append(np.where(b["valid"], b["labels"], 1)[m])
+        rows["valid"].append(b["valid"][m])
+        rows["image_id"].append(b["image_id"][m])
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def test_ground_truth_fed_back_scores_one_on_both_metrics(tmp_path, voc_root):
+    cfg = _voc_cfg(voc_root, tmp_path / "tfds")
+    builder = data.open_builder(cfg)
+    preds = _ground_truth_as_detections(cfg, builder, "test")
+    assert preds["valid"].sum() > 0
+    m = voc_metrics(cfg, builder, "test", preds)
+    assert m["mAP"] == pytest.approx(1.0) and m["num_images"] == 6
+    assert set(m) >= {f"AP/{c}" for c in CLASSES}
+    # One box moved off its object: that class's AP drops below 1.
+    preds["boxes"][0, 0] += 30.0
+    assert voc_metrics(cfg, builder, "test", preds)["mAP"] < 1.0
+    preds["boxes"][0, 0] -= 30.0
+    # COCO's metric on the same VOC set: difficult boxes are ignore regions.
+    results = to_coco_results(preds["boxes"], preds["scores"], preds["classes"],
+                              preds["valid"], preds["image_id"], data.category_ids(builder))  # fmt: skip
+    coco = coco_evaluate(data.ground_truth(builder, "test"), results, preds["image_id"])
+    assert coco["AP50"] == pytest.approx(1.0)
+
+
+def _prepare_tfds_voc2007(tmp_path, monkeypatch):
+    """TFDS's own voc/2007 builder, prepared (array_record) from a local VOCdevkit."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")
+    devkit = tmp_path / "devkit"
+    write_voc_folder(str(devkit / "VOCdevkit" / "VOC2007"), ("cat", "dog", "person"),
+                     {"train": 5, "val": 3, "test": 4})  # fmt: skip
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
+                        lambda self, urls: {k: str(devkit) for k in urls})  # fmt: skip
+    data_dir = tmp_path / "tfds"
+    tfds.builder("voc/2007", data_dir=str(data_dir),
+                 file_format="array_record").download_and_prepare()  # fmt: skip
+    return data_dir
+
+
+def test_tfds_voc2007_reads_concatenates_and_scores(tmp_path, monkeypatch):
+    data_dir = _prepare_tfds_voc2007(tmp_path, monkeypatch)
+    cfg = load_config(config_path("m2det320_vgg_voc"), [
+        f"data.data_dir={data_dir}", "data.num_workers=0",
+        "data.max_boxes=8", "data.extra_train_sets=(('voc/2007','test'),)"])  # fmt: skip
+    builder = data.open_builder(cfg)  # read-only, from the prepared files
+    assert data.is_voc(builder) and len(data.class_names(builder)) == 20
+    # 2007 "train+validation" (8) then the extra set (4): one source of 12 records.
+    from m2det_jax.data.builders import train_source
+
+    assert len(train_source(cfg, builder)) == 12
+    it = data.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)
+    batch = next(it)
+    assert batch["image"].shape == (4, 320, 320, 3) and batch["valid"].any()
+    # Records carry no image/id: ids come from the file names, as VOC numbers them.
+    preds = _ground_truth_as_detections(cfg, builder, "test")
+    assert sorted(preds["image_id"].tolist()) == [9, 10, 11, 12]
+    assert voc_metrics(cfg, builder, "test", preds)["mAP"] == pytest.approx(1.0)
+    assert set(os.listdir(data_dir / "voc" / "2007")) == {"5.0.0"}  # nothing written into it
+
+
+@pytest.mark.slow
+def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
+    """Tiny model: trained on a 5-class VOC-format folder (VOC mAP at the end), then
+    fine-tuned onto a 3-class one from that checkpoint: every tensor but the class heads
+    loads, and the log names each head tensor left out."""
+    import jax
+
+    from m2det_jax.checkpoints import load_init_variables, load_variables
+    from m2det_jax.train import train_and_evaluate
+
+    five = ("a", "b", "c", "d", "e")
+    write_voc_folder(str(tmp_path / "five"), five, {"trainval": 16, "test": 4}, per_image=3)
+    write_voc_folder(str(tmp_path / "three"), CLASSES, {"trainval": 8, "test": 4}, seed=1)
+    common = [*OVERRIDES, f"data.data_dir={tmp_path / 'tfds'}", "data.dataset=voc_folder",
+              "data.train_split=trainval", "data.eval_split=test", "data.num_workers=0",
+              "train.num_steps=3", "train.log_every=1", "train.checkpoint_every=3",
+              "train.batch_size=4", "data.eval_batch_size=4"]  # fmt: skip
+    cfg5 = load_config(config_path("tiny"), [*common, f"data.voc_root={tmp_path / 'five'}",
+                                             "model.num_classes=6"])  # fmt: skip
+    r = train_and_evaluate(cfg5, str(tmp_path / "run5"), progress=False)
+    m = r["eval_metrics"]
+    assert 0.0 <= m["mAP"] <= 1.0 and set(m) >= {f"AP/{c}" for c in five}
+    saved = json.loads((tmp_path / "run5" / "eval_metrics.json").read_text())
+    assert saved["mAP"] == pytest.approx(m["mAP"])
+
+    cfg3 = load_config(config_path("tiny"), [
+        *common, f"data.voc_root={tmp_path / 'three'}", "model.num_classes=4",
+        f"train.init_checkpoint={tmp_path / 'run5'}", "train.eval_every=-1"])  # fmt: skip
+    init, skipped = load_init_variables(str(tmp_path / "run5"), cfg3)
+    src = load_variables(str(tmp_path / "run5"), cfg5)
+    heads = {k for k in src["params"] if k.startswith("conf_")}
+    assert heads and not heads & set(init["params"])
+    assert len(skipped) == 2 * len(heads) and all("re-initialised" in s for s in skipped)
+    for k in set(src["params"]) - heads:
+        for a, b in zip(jax.tree.leaves(src["params"][k]), jax.tree.leaves(init["params"][k]),
+                        strict=True):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
+    capfd.readouterr()
+    r3 = train_and_evaluate(cfg3, str(tmp_path / "run3"), progress=False)
+    out = capfd.readouterr().out
+    assert r3["step"] == 3 and "not loaded: params/conf_0/bias" in out
+    assert "written for 6 classes, config has 4" in out
