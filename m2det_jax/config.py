@@ -19,12 +19,14 @@ from m2det_jax.priors import feature_map_sizes, resolve_size_pattern
 
 BACKBONES = ("vgg16", "resnet18", "resnet34", "resnet50", "resnet101")
 POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
-# train.remat: "none"; "stages" (each backbone block, FFMv1/FFMv2/TUM/SFAM under nn.remat:
-# only block boundaries are kept); "dots" (the same blocks, conv/matmul outputs kept too);
-# "full" (the whole network under one remat: only its inputs are kept). Measured on the CPU
-# compiler (m2det320_vgg, batch 8, `train_step_cost`): none 4484 MiB temp, stages 4485
-# (+17% FLOPs), dots 4484: no saving yet, since VGG16 is one block and its backward holds
-# all its activations; train.grad_accum_steps=4 gives 1996 MiB.
+# train.remat: "none"; "stages" (each backbone stage or block, FFMv1/FFMv2/TUM/SFAM under
+# nn.remat: only block boundaries are kept for backward); "dots" (the same blocks, conv /
+# matmul outputs kept too); "full" (the whole network under one remat: only its inputs are
+# kept, but its backward recomputes everything at once, so the peak does not fall).
+# Measured as what the backward holds from the forward (`costs.held_for_backward_bytes`,
+# m2det320_vgg, batch 16, float32): none 8099 MiB, dots 4705, stages 2317, at +15 % step
+# FLOPs. XLA:CPU's scheduler recomputes early, so its compiled temp memory does not fall
+# (accelerator compilers schedule for memory); train.grad_accum_steps lowers it there too.
 REMAT_MODES = ("none", "stages", "dots", "full")
 METRICS = ("auto", "coco", "voc")
 

@@ -95,6 +95,33 @@ def _parts(cfg):
     return model, tx, schedule, state, step
 
 
+def held_for_backward_bytes(cfg, batch: int) -> int:
+    """Bytes the network's backward pass holds from its forward (train mode) for `batch`
+    images: the residuals of `jax.vjp` with respect to the parameters, traced abstractly.
+
+    What `train.remat` changes, independent of any compiler: with "stages" only block
+    boundaries are held (each block's insides are recomputed during its backward, so the
+    peak adds one block's activations). The parameters are counted (the backward reads
+    them); the loss and optimizer are not.
+    """
+    model = build_model(cfg)
+    s = int(cfg.model.input_size)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))
+    x = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
+
+    def backward_fn(params, batch_stats, images):
+        def forward(p):
+            out, _ = model.apply({"params": p, "batch_stats": batch_stats}, images,
+                                 train=True, mutable=["batch_stats"])  # fmt: skip
+            return out
+
+        return jax.vjp(forward, params)[1]
+
+    held = jax.eval_shape(backward_fn, v["params"], v["batch_stats"], x)
+    return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree.leaves(held)))  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------
 # Reading the compiled executables
 
@@ -145,6 +172,8 @@ def _cost(cfg, per_device_batch: int, device=None, forward: bool = True):
         "step_flops_per_image": None if step_flops is None else step_flops / b,
         "analytic_forward_flops_per_image": analytic,
         "lower_s": lower_s, "compile_s": compile_s, "memory": _memory(compiled),
+        # One microbatch's: accumulation runs them one after the other.
+        "held_for_backward": held_for_backward_bytes(cfg, max(1, b // k)),
     }  # fmt: skip
     ratio = None if step_flops is None else step_flops / b / (3.0 * analytic)
     out["step_over_3x_forward"] = ratio
@@ -173,7 +202,8 @@ def train_step_cost(cfg, per_device_batch: int, *, forward: bool = True) -> dict
       the backward costs twice the forward), forward_over_analytic, step_over_3x_xla_forward
       (the same ratio against the forward's cost_analysis); memory {argument,
       output, temp, alias, generated_code, peak} bytes (None where the backend does not
-      say); lower_s, compile_s, forward_compile_s.
+      say); held_for_backward (`held_for_backward_bytes`, one microbatch); lower_s,
+      compile_s, forward_compile_s.
     """
     return _cost(cfg, per_device_batch, forward=forward)[0]
 
@@ -230,7 +260,8 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
     per image, MiB; the timing columns only when some row was run)."""
     timed = any("s_per_step" in r for r in rows)
     head = ["model", "dtype", "remat", "accum", "batch", "step GFLOP/img", "fwd GFLOP/img",
-            "2xMACs GFLOP/img", "step/(3xfwd)", "peak MiB", "temp MiB", "compile s"]  # fmt: skip
+            "2xMACs GFLOP/img", "step/(3xfwd)", "peak MiB", "temp MiB", "held MiB",
+            "compile s"]  # fmt: skip
     if timed:
         head += ["ms/step", "img/s", "MFU"]
     table = [head]
@@ -243,7 +274,8 @@ def format_cost_table(rows: list[dict[str, Any]]) -> str:
                _num(r.get("forward_flops_per_image"), ".2f", g),
                _num(r["analytic_forward_flops_per_image"], ".2f", g),
                _num(r["step_over_3x_forward"], ".2f"), _num(m["peak"], ".0f", mib),
-               _num(m["temp"], ".0f", mib), f"{r['lower_s'] + r['compile_s']:.1f}"]  # fmt: skip
+               _num(m["temp"], ".0f", mib), _num(r.get("held_for_backward"), ".0f", mib),
+               f"{r['lower_s'] + r['compile_s']:.1f}"]  # fmt: skip
         if timed:
             row += [_num(r.get("s_per_step"), ".1f", 1e3), _num(r.get("img_per_s"), ".1f"),
                     _num(r.get("mfu"), ".1%")]  # fmt: skip
