@@ -12,9 +12,8 @@ Run: m2det train --config configs/m2det320_vgg_voc.py --workdir /tmp/m2det320_vg
   --config.data.data_dir=/data/tfds
 Fine-tune from converted COCO weights (the class heads are re-initialised for 21):
   ... --config.train.init_checkpoint=/tmp/m2det320_vgg_converted
-Your own VOC-format folder: --config.data.dataset=voc_folder --config.data.voc_root=DIR
-  --config.data.train_split=trainval --config.data.eval_split=test
-  --config.data.extra_train_sets="()" --config.model.num_classes=<classes + 1>
+Your own VOC-format folder (trains on ImageSets/Main/trainval.txt, tests on test.txt):
+  --config.data.dataset=voc_folder --config.data.root=DIR --config.model.num_classes=<N+1>
 
 The learning-rate steps are the original config's step_lr.VOC (epochs 100, 150, 200, 250,
 300). The released train.py applies step_lr.COCO whatever the dataset (epochs 90 ... 160);

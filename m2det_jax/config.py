@@ -119,8 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.peak_tflops = 0.0
 
     c.data = ml_collections.ConfigDict()
-    # "coco/2017" (prepared TFDS data, never downloaded), "shapes" (generated on first
-    # use) or "coco_folder" (built on first use from image_dir + annotation_file).
+    # "coco/2017", "voc" (VOC07+12), "voc/2007", "voc/2012" (prepared TFDS data, never
+    # downloaded), "shapes" (generated on first use), "coco_folder" (built on first use
+    # from image_dir + annotation_file) or "voc_folder" (built from root).
     c.data.dataset = "coco/2017"
     c.data.max_boxes = 100  # G: ground truth per image, padded (extra boxes truncated, counted)
     # TFDS data_dir; None: ~/tensorflow_datasets.
@@ -150,11 +151,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_annotation_file = ml_collections.FieldReference(None, field_type=str)
     # voc_folder only: the VOC-format folder (Annotations/, JPEGImages/, ImageSets/Main/)
     # and its class names, in label order (empty: every name in its XMLs, sorted).
-    c.data.voc_root = ml_collections.FieldReference(None, field_type=str)
+    c.data.root = ml_collections.FieldReference(None, field_type=str)
     c.data.class_names = ()
     # (dataset, split) pairs read after train_split for training, from the same data_dir
-    # and with the same classes: VOC07+12 is voc/2007 "train+validation" then
-    # (("voc/2012", "train+validation"),).
+    # and with the same classes, e.g. (("voc/2012", "trainval"),) after voc/2007's
+    # trainval (what data.dataset "voc" does by itself).
     c.data.extra_train_sets = ()
     c.data.keep_difficult = False  # VOC is_difficult boxes: dropped in training (original)
     # Evaluation metric: "voc" (mAP at IoU 0.5, `m2det_jax.voc_eval`), "coco" (the 12
@@ -170,13 +171,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 def voc0712(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The original's VOC0712 setting on `c` (in place; returned): 21 classes, 2007 + 2012
-    trainval for training, 2007 test with the VOC metric, step_lr.VOC epochs."""
+    trainval for training (data.dataset "voc"), 2007 test with the VOC metric,
+    step_lr.VOC epochs. With data.dataset=voc_folder the same split names read a
+    VOC-format folder's ImageSets/Main/trainval.txt and test.txt."""
     c.model.num_classes = 21  # 20 + background
     c.train.lr_epochs = (100, 150, 200, 250, 300)  # step_lr.VOC
     c.train.num_epochs = 300
-    c.data.dataset = "voc/2007"
-    c.data.train_split = "train+validation"  # 2007 trainval
-    c.data.extra_train_sets = (("voc/2012", "train+validation"),)  # + 2012 trainval
+    c.data.dataset = "voc"  # voc/2007, trained with voc/2012's trainval appended
+    c.data.train_split = "trainval"
     c.data.eval_split = "test"
     c.data.metric = "voc"
     return c

@@ -24,7 +24,7 @@ CLASSES = ("cat", "dog", "bird")
 
 
 def _voc_cfg(root, data_dir, **extra):
-    return small_data_config(dataset="voc_folder", voc_root=str(root), data_dir=str(data_dir),
+    return small_data_config(dataset="voc_folder", root=str(root), data_dir=str(data_dir),
                              train_split="trainval", eval_split="test", **extra)  # fmt: skip
 
 
@@ -149,32 +149,37 @@ def test_ground_truth_fed_back_scores_one_on_both_metrics(tmp_path, voc_root):
     assert coco["AP50"] == pytest.approx(1.0)
 
 
-def _prepare_tfds_voc2007(tmp_path, monkeypatch):
-    """TFDS's own voc/2007 builder, prepared (array_record) from a local VOCdevkit."""
+def _prepare_tfds_voc(tmp_path, monkeypatch):
+    """TFDS's own voc/2007 and voc/2012 builders, prepared (array_record) from a local
+    VOCdevkit (the download step returns it)."""
     tfds = pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")
     devkit = tmp_path / "devkit"
-    write_voc_folder(str(devkit / "VOCdevkit" / "VOC2007"), ("cat", "dog", "person"),
-                     {"train": 5, "val": 3, "test": 4})  # fmt: skip
+    for year, splits in (("2007", {"train": 5, "val": 3, "test": 4}),
+                         ("2012", {"train": 3, "val": 2, "test": 1})):  # fmt: skip
+        write_voc_folder(str(devkit / "VOCdevkit" / f"VOC{year}"), ("cat", "dog", "person"),
+                         splits, seed=int(year))  # fmt: skip
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
                         lambda self, urls: {k: str(devkit) for k in urls})  # fmt: skip
     data_dir = tmp_path / "tfds"
-    tfds.builder("voc/2007", data_dir=str(data_dir),
-                 file_format="array_record").download_and_prepare()  # fmt: skip
+    for name in ("voc/2007", "voc/2012"):
+        tfds.builder(name, data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return data_dir
 
 
-def test_tfds_voc2007_reads_concatenates_and_scores(tmp_path, monkeypatch):
-    data_dir = _prepare_tfds_voc2007(tmp_path, monkeypatch)
+def test_tfds_voc0712_reads_concatenates_and_scores(tmp_path, monkeypatch):
+    data_dir = _prepare_tfds_voc(tmp_path, monkeypatch)
     cfg = load_config(config_path("m2det320_vgg_voc"), [
-        f"data.data_dir={data_dir}", "data.num_workers=0",
-        "data.max_boxes=8", "data.extra_train_sets=(('voc/2007','test'),)"])  # fmt: skip
-    builder = data.open_builder(cfg)  # read-only, from the prepared files
+        f"data.data_dir={data_dir}", "data.num_workers=0", "data.max_boxes=8"])  # fmt: skip
+    assert cfg.data.dataset == "voc"
+    builder = data.open_builder(cfg)  # voc/2007, read-only, from the prepared files
     assert data.is_voc(builder) and len(data.class_names(builder)) == 20
-    # 2007 "train+validation" (8) then the extra set (4): one source of 12 records.
+    # 2007 "trainval" = train + validation (8), then 2012's (5): one source of 13 records.
     from m2det_jax.data.builders import train_source
 
-    assert len(train_source(cfg, builder)) == 12
+    assert len(train_source(cfg, builder)) == 13
+    cfg.data.extra_train_sets = (("voc/2007", "test"),)  # more sets can follow
+    assert len(train_source(cfg, builder)) == 17
     it = data.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)
     batch = next(it)
     assert batch["image"].shape == (4, 320, 320, 3) and batch["valid"].any()
@@ -183,6 +188,20 @@ def test_tfds_voc2007_reads_concatenates_and_scores(tmp_path, monkeypatch):
     assert sorted(preds["image_id"].tolist()) == [9, 10, 11, 12]
     assert voc_metrics(cfg, builder, "test", preds)["mAP"] == pytest.approx(1.0)
     assert set(os.listdir(data_dir / "voc" / "2007")) == {"5.0.0"}  # nothing written into it
+
+
+def test_voc_config_reads_a_voc_folder_as_is(tmp_path, voc_root):
+    """The user's command: the VOC config with dataset=voc_folder and root (trainval.txt
+    to train, test.txt to evaluate); no voc/2012 is needed."""
+    cfg = load_config(config_path("m2det320_vgg_voc"), [
+        "data.dataset=voc_folder", f"data.root={voc_root}", f"data.data_dir={tmp_path}",
+        "model.num_classes=4", "data.num_workers=0"])  # fmt: skip
+    builder = data.open_builder(cfg)
+    from m2det_jax.data.builders import train_source
+    from m2det_jax.evaluate import metric_of
+
+    assert len(train_source(cfg, builder)) == 12 and metric_of(cfg, builder) == "voc"
+    assert len(data.data_source(builder, cfg.data.eval_split)) == 6
 
 
 @pytest.mark.slow
@@ -202,7 +221,7 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
               "data.train_split=trainval", "data.eval_split=test", "data.num_workers=0",
               "train.num_steps=3", "train.log_every=1", "train.checkpoint_every=3",
               "train.batch_size=4", "data.eval_batch_size=4"]  # fmt: skip
-    cfg5 = load_config(config_path("tiny"), [*common, f"data.voc_root={tmp_path / 'five'}",
+    cfg5 = load_config(config_path("tiny"), [*common, f"data.root={tmp_path / 'five'}",
                                              "model.num_classes=6"])  # fmt: skip
     r = train_and_evaluate(cfg5, str(tmp_path / "run5"), progress=False)
     m = r["eval_metrics"]
@@ -211,7 +230,7 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
     assert saved["mAP"] == pytest.approx(m["mAP"])
 
     cfg3 = load_config(config_path("tiny"), [
-        *common, f"data.voc_root={tmp_path / 'three'}", "model.num_classes=4",
+        *common, f"data.root={tmp_path / 'three'}", "model.num_classes=4",
         f"train.init_checkpoint={tmp_path / 'run5'}", "train.eval_every=-1"])  # fmt: skip
     init, skipped = load_init_variables(str(tmp_path / "run5"), cfg3)
     src = load_variables(str(tmp_path / "run5"), cfg5)

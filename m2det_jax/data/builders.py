@@ -4,8 +4,10 @@ Datasets by `cfg.data.dataset` (`GENERATED` maps the names we build ourselves):
   * "shapes": generated on first use (`shapes.build_shapes`).
   * "coco_folder": built on first use from `cfg.data.image_dir` + `cfg.data.annotation_file`
     (`coco_folder.build_coco_folder`).
-  * "voc_folder": built on first use from the VOC-format folder `cfg.data.voc_root`
+  * "voc_folder": built on first use from the VOC-format folder `cfg.data.root`
     (`voc_folder.build_voc_folder`; classes `cfg.data.class_names`, or inferred).
+  * "voc": PASCAL VOC07+12 (`ALIASES`): TFDS voc/2007, whose "trainval" is followed by
+    voc/2012's "trainval" for training; evaluation reads voc/2007 (its "test").
   * any other name, e.g. "coco/2017", "voc/2007", "voc/2012" (or any TFDS detection set
     with their features): must already be prepared (array_record) in `cfg.data.data_dir`; it is
     opened from its files (`prepared_builder`), so neither TensorFlow nor the network
@@ -38,7 +40,7 @@ def _shapes(d, data_dir: str) -> tfds.core.DatasetBuilder:
 
 
 def _voc_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
-    return build_voc_folder(data_dir, root=d.voc_root, class_names=tuple(d.class_names))
+    return build_voc_folder(data_dir, root=d.root, class_names=tuple(d.class_names))
 
 
 def _coco_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -59,6 +61,13 @@ GENERATED: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
 }
 
 
+# Dataset names that stand for a prepared TFDS dataset plus (dataset, split) pairs read
+# after cfg.data.train_split for training (before cfg.data.extra_train_sets).
+ALIASES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "voc": ("voc/2007", (("voc/2012", "trainval"),)),  # the original's VOC0712
+}
+
+
 def data_dir_of(cfg) -> str:
     """cfg.data.data_dir as a string (None: TFDS's default ~/tensorflow_datasets)."""
     return as_str(cfg.data.get("data_dir") or "~/tensorflow_datasets")
@@ -66,10 +75,12 @@ def data_dir_of(cfg) -> str:
 
 def train_source(cfg, builder: tfds.core.DatasetBuilder, split: str | None = None):
     """The training records: `split` (default cfg.data.train_split) of `builder`, followed
-    by every (dataset, split) of cfg.data.extra_train_sets (e.g. VOC 2012 trainval after
-    2007's), which must be prepared in the same data_dir and have the same classes."""
+    by the alias's sets (`ALIASES`: "voc" adds voc/2012 trainval) and every (dataset,
+    split) of cfg.data.extra_train_sets, all prepared in the same data_dir with the same
+    classes."""
     sources = [schema.data_source(builder, split or cfg.data.train_split)]
-    for name, extra_split in cfg.data.get("extra_train_sets", ()):
+    alias_extra = ALIASES.get(cfg.data.dataset, ("", ()))[1]
+    for name, extra_split in (*alias_extra, *cfg.data.get("extra_train_sets", ())):
         other = prepared_builder(name, data_dir_of(cfg))
         if schema.class_names(other) != schema.class_names(builder):
             raise ValueError(
@@ -92,7 +103,8 @@ def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.Da
     data_dir = os.fspath(data_dir) if data_dir is not None else d.get("data_dir")
     data_dir = as_str(data_dir or "~/tensorflow_datasets")  # gs://... kept as given
     build = GENERATED.get(d.dataset)
-    builder = build(d, data_dir) if build else prepared_builder(d.dataset, data_dir)
+    name = ALIASES.get(d.dataset, (d.dataset,))[0]
+    builder = build(d, data_dir) if build else prepared_builder(name, data_dir)
     check_num_classes(cfg, builder)
     return builder
 

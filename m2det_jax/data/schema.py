@@ -131,10 +131,15 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
 def data_source(builder: tfds.core.DatasetBuilder, split: str):
     """Random-access source over `split` (array_record); images stay encoded bytes.
 
-    `split` may join splits with "+" ("train+validation": VOC's trainval), read one after
-    the other. Images are decoded later, in `records.decode_record`, so a corrupt one is
+    `split` may join splits with "+" ("train+validation"), read one after the other;
+    "trainval", where the dataset has no such split, means train + validation (TFDS voc)
+    or train + val (a VOC-format folder without trainval.txt). Images are decoded later, in `records.decode_record`, so a corrupt one is
     counted, not fatal.
     """
+    splits = set(builder.info.splits)
+    if split == "trainval" and split not in splits:  # VOC's name for train + val
+        split = next((f"train+{v}" for v in ("validation", "val")
+                      if {"train", v} <= splits), split)  # fmt: skip
     parts = [p.strip() for p in split.split("+")]
     if len(parts) > 1:
         return ConcatSource([data_source(builder, p) for p in parts])
@@ -143,7 +148,8 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise FileNotFoundError(
             f"dataset {builder.name!r} split {split!r} is not readable from "
-            f"{builder.data_dir!r} ({type(e).__name__}: {e}). Prepare it first (array_record "
+            f"{builder.data_dir!r} (splits there: {sorted(splits)}; {type(e).__name__}: {e}). "
+            f"Prepare it first (array_record "
             f"format; TFDS Python API with download=False / a local data_dir)."
         ) from e
 

@@ -274,7 +274,7 @@ def build_voc_folder(data_dir: str | os.PathLike, *, root: str | os.PathLike,
                      class_names=()) -> VocFolder:  # fmt: skip
     """Builds (if needed) the folder's TFDS dataset into `data_dir`; returns the builder."""
     if not root:
-        raise ValueError("voc_folder needs cfg.data.voc_root (the folder with Annotations/)")
+        raise ValueError("voc_folder needs cfg.data.root (the folder with Annotations/)")
     builder = VocFolder(data_dir=os.fspath(data_dir), config=voc_folder_config(root, class_names),
                         file_format="array_record")  # fmt: skip
     if not builder.is_prepared():
