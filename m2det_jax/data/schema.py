@@ -133,8 +133,8 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
 
     `split` may join splits with "+" ("train+validation"), read one after the other;
     "trainval", where the dataset has no such split, means train + validation (TFDS voc)
-    or train + val (a VOC-format folder without trainval.txt). Images are decoded later, in `records.decode_record`, so a corrupt one is
-    counted, not fatal.
+    or train + val (a VOC-format folder without trainval.txt). Images are decoded later,
+    in `records.decode_record`, so a corrupt one is counted, not fatal.
     """
     splits = set(builder.info.splits)
     if split == "trainval" and split not in splits:  # VOC's name for train + val
