@@ -224,6 +224,18 @@ def validate(cfg) -> None:
     peak = cfg.train.get("peak_tflops", 0.0)
     if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak >= 0:
         raise ValueError(f"train.peak_tflops={peak!r}: TFLOP/s per device, >= 0 (0: known peak)")
+    t = cfg.train
+    for field, value in (("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
+                         ("train.checkpoint_every", t.checkpoint_every),
+                         ("train.keep_checkpoints", t.keep_checkpoints),
+                         ("data.eval_batch_size", cfg.data.eval_batch_size),
+                         ("data.max_boxes", cfg.data.max_boxes)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field}={value!r}: an integer >= 1")
+    for field, value in (("train.num_steps", t.num_steps),
+                         ("train.steps_per_epoch", t.steps_per_epoch)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{field}={value!r}: an integer >= 0 (0: from the data)")
     d = cfg.data
     if d.get("metric", "auto") not in METRICS:
         raise ValueError(f"data.metric={d.metric!r}: expected one of {METRICS}")

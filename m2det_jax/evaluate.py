@@ -70,6 +70,17 @@ def metric_of(cfg, builder) -> str:
     return metric
 
 
+def official_annotations(cfg) -> str | None:
+    """cfg.data.eval_annotation_file when it is the ground truth to score against (e.g.
+    instances_val2017.json for coco/2017); None otherwise. A coco_folder's file is its
+    build input: it is scored through the ground truth rebuilt from the stored records,
+    normalised once at the data boundary (missing iscrowd -> 0, missing area -> the box's),
+    so any JSON that builds and trains also evaluates."""
+    if cfg.data.dataset == "coco_folder":
+        return None
+    return cfg.data.eval_annotation_file or None
+
+
 def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
                        workdir: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Metrics of `variables` on cfg.data.eval_split (`metric_of`: COCO's 12 numbers and
@@ -83,7 +94,7 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
         if metric_of(cfg, builder) == "voc":
             metrics = voc_metrics(cfg, builder, split, preds)
         else:
-            ann = cfg.data.eval_annotation_file or data.ground_truth(builder, split)
+            ann = official_annotations(cfg) or data.ground_truth(builder, split)
             results = to_coco_results(
                 preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
                 preds["image_id"], data.category_ids(builder),

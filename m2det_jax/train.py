@@ -29,6 +29,7 @@ from m2det_jax import sharding as shd
 from m2det_jax.checkpoints import TrainCheckpoints, load_init_variables, model_signature
 from m2det_jax.convert import merge_variables
 from m2det_jax.data import augment, device_augment
+from m2det_jax.data.builders import train_source
 from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.losses import multibox_loss
 from m2det_jax.models import build_model
@@ -144,7 +145,7 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
 def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
     """The grain pipeline of `m2det_jax.data` as (iterator factory, dataset size)."""
     builder = data.open_builder(cfg)
-    n = builder.info.splits[cfg.data.train_split].num_examples
+    n = len(train_source(cfg, builder))  # with "+" splits, "trainval" and extra sets
 
     def make(cfg, local_bs, process_index, process_count):
         del local_bs  # the pipeline splits the global batch itself
@@ -153,6 +154,21 @@ def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
             shard_index=process_index, shard_count=process_count)  # fmt: skip
 
     return make, n
+
+
+def missing_eval_split(cfg) -> str | None:
+    """Why cfg.data.eval_split cannot be evaluated (None when it can): checked before
+    training, so a run without a validation split trains and says so instead of failing
+    at its final evaluation."""
+    builder = data.open_builder(cfg)
+    try:
+        data.data_source(builder, cfg.data.eval_split)
+    except FileNotFoundError:
+        hint = (" (a coco_folder gets one from data.eval_annotation_file)"
+                if cfg.data.dataset == "coco_folder" else "")  # fmt: skip
+        return (f"dataset {cfg.data.dataset!r} has no split {cfg.data.eval_split!r} "
+                f"(splits: {sorted(builder.info.splits)}); set data.eval_split{hint}")
+    return None
 
 
 def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -> dict:
@@ -207,7 +223,14 @@ def train_and_evaluate(
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
             write_run_info(workdir, cfg)
-        evaluate_fn = evaluate_fn or functools.partial(evaluate_variables, workdir=workdir)
+        eval_every = cfg.train.eval_every
+        if evaluate_fn is None:
+            evaluate_fn = functools.partial(evaluate_variables, workdir=workdir)
+            missing = None if eval_every < 0 else missing_eval_split(cfg)
+            if missing:
+                eval_every = -1
+                if is_main:
+                    print(f"no evaluation: {missing}", flush=True)
 
         # Mesh and data.
         mesh = shd.make_mesh()
@@ -324,7 +347,7 @@ def train_and_evaluate(
                     bar.update(1)
                 if is_ckpt:
                     save(step)
-                if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < n_steps:
+                if eval_every > 0 and step % eval_every == 0 and step < n_steps:
                     eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
                     meter.restart()  # the evaluation is not training throughput
         except BaseException:  # stop the reader thread and the async saves, then raise
@@ -342,7 +365,7 @@ def train_and_evaluate(
         if ckpts.latest_step() != step:
             save(step)
         ckpts.close()
-        if not preempted and cfg.train.eval_every >= 0:
+        if not preempted and eval_every >= 0:
             eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
         log.close()
         if preempted and is_main:

@@ -46,6 +46,13 @@ def test_overrides_are_typed():
         ("model.planes=255", "model.planes=255"),
         ("postprocess.method=fast", "postprocess.method='fast'"),
         ("model.sfam=maybe", "model.sfam=maybe"),
+        ("train.batch_size=0", "train.batch_size=0: an integer >= 1"),
+        ("train.log_every=0", "train.log_every=0"),
+        ("train.checkpoint_every=0", "train.checkpoint_every=0"),
+        ("data.eval_batch_size=-8", "data.eval_batch_size=-8"),
+        ("train.num_steps=-1", "train.num_steps=-1"),
+        ("data.metric=map", "data.metric='map'"),
+        ("data.extra_train_sets=(('voc/2012',),)", "data.extra_train_sets: .*is not a"),
     ],
 )
 def test_bad_values_name_field_and_value(override, match):

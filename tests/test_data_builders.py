@@ -297,3 +297,52 @@ def test_open_builder_shapes_from_config(tmp_path):
     builder = builders.open_builder(cfg)
     assert len(schema.data_source(builder, "validation")) == 2
     assert os.path.exists(coco_json.annotation_file(builder, "train"))
+
+
+def test_coco_folder_without_iscrowd_or_area_builds_and_evaluates(tmp_path):
+    """Labelling tools often omit the optional fields: filled once at the build (counted),
+    and evaluation scores against the stored records, never the raw JSON."""
+    from m2det_jax.coco_eval import coco_evaluate
+    from m2det_jax.evaluate import official_annotations
+
+    images, anns = [], []
+    for i in range(1, 4):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "images" / f"{i}.png").write_bytes(
+            encode_png(np.full((40, 50, 3), 30 * i, np.uint8)))  # fmt: skip
+        images.append({"id": i, "file_name": f"{i}.png", "width": 50, "height": 40})
+        anns.append({"id": i, "image_id": i, "category_id": 3, "bbox": [5, 6, 20, 10 + i]})
+    img_dir, ann = _write_folder(tmp_path, images, anns, [{"id": 3, "name": "thing"}])
+    cfg = small_data_config(dataset="coco_folder", data_dir=str(tmp_path / "tfds"),
+                            image_dir=str(img_dir), annotation_file=str(ann),
+                            eval_annotation_file=str(ann))  # fmt: skip
+    builder = builders.open_builder(cfg)
+    stats = builder.info.metadata["build_stats"]
+    assert stats["missing_area"] == stats["missing_iscrowd"] == 6  # train + validation
+    assert official_annotations(cfg) is None
+    gt = coco_json.ground_truth(builder, "validation")
+    assert [a["iscrowd"] for a in gt["annotations"]] == [0, 0, 0]
+    np.testing.assert_allclose(sorted(a["area"] for a in gt["annotations"]), [220, 240, 260])
+    results = [{"image_id": a["image_id"], "category_id": 3, "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]  # fmt: skip
+    assert coco_evaluate(gt, results)["AP"] == pytest.approx(1.0)
+    with pytest.raises(KeyError, match="iscrowd"):  # what the raw JSON would have done
+        coco_evaluate(str(ann), results)
+
+
+def test_missing_eval_split_is_found_before_training(tmp_path):
+    """A coco_folder without eval_annotation_file has no validation split: training says
+    so up front and skips the evaluation instead of failing at the end."""
+    from m2det_jax.train import missing_eval_split
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    img_dir, ann = _write_folder(
+        tmp_path, [{"id": 1, "file_name": "1.png", "width": 8, "height": 8}], [],
+        [{"id": 1, "name": "a"}])  # fmt: skip
+    cfg = small_data_config(dataset="coco_folder", data_dir=str(tmp_path / "tfds"),
+                            image_dir=str(img_dir), annotation_file=str(ann))  # fmt: skip
+    why = missing_eval_split(cfg)
+    assert "no split 'validation'" in why and "data.eval_annotation_file" in why
+    cfg.data.eval_split = "train"
+    assert missing_eval_split(cfg) is None

@@ -176,8 +176,10 @@ def test_tfds_voc0712_reads_concatenates_and_scores(tmp_path, monkeypatch):
     assert data.is_voc(builder) and len(data.class_names(builder)) == 20
     # 2007 "trainval" = train + validation (8), then 2012's (5): one source of 13 records.
     from m2det_jax.data.builders import train_source
+    from m2det_jax.train import tfds_train_data
 
     assert len(train_source(cfg, builder)) == 13
+    assert tfds_train_data(cfg)[1] == 13  # the epoch length training uses
     cfg.data.extra_train_sets = (("voc/2007", "test"),)  # more sets can follow
     assert len(train_source(cfg, builder)) == 17
     it = data.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)

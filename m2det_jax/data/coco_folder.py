@@ -16,6 +16,9 @@ out) and must exist. Bad content is *not* an error: a corrupt image is stored as
 and skipped (counted) when read; a box with NaN/inf or negative size is stored as an
 empty box and dropped (counted) when read; a box reaching outside the image is clipped
 here (TFDS boxes must lie in [0, 1]) and counted in `info.metadata["build_stats"]`.
+Optional fields are normalised here, once, and counted: a missing `iscrowd` is 0, a
+missing `area` the box's w x h; evaluation scores against these stored records
+(`coco_json.ground_truth`), never the raw JSON.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
             features=schema.coco_features(names, "jpeg"),
             metadata=tfds.core.MetadataDict(
                 category_ids=ids,
-                build_stats={"clipped_boxes": 0, "invalid_boxes": 0, "unknown_category": 0},
+                build_stats={"clipped_boxes": 0, "invalid_boxes": 0, "unknown_category": 0,
+                             "missing_area": 0, "missing_iscrowd": 0},  # fmt: skip
             ),
         )
 
@@ -189,9 +193,13 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
                 if cid not in label_of:
                     stats["unknown_category"] += 1
                     continue
+                if "area" not in a:
+                    stats["missing_area"] += 1
+                if "iscrowd" not in a:
+                    stats["missing_iscrowd"] += 1
                 objects.append(
                     {
-                        "area": _safe_int(a.get("area", 0)),
+                        "area": _safe_int(a["area"] if "area" in a else _box_area(a.get("bbox"))),
                         "bbox": self._bbox(a.get("bbox"), w, h, stats),
                         "id": _safe_int(a.get("id", image_id * 1000 + k)),
                         "is_crowd": bool(a.get("iscrowd", 0)),
@@ -224,6 +232,14 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
         if (clipped != box).any():
             stats["clipped_boxes"] += 1
         return tfds.features.BBox(*(float(v) for v in box_ops.xyxy_to_yxyx(clipped)))
+
+
+def _box_area(xywh) -> float:
+    """w * h of a COCO box (0 if unreadable): the area of an annotation without one."""
+    try:
+        return float(xywh[2]) * float(xywh[3])
+    except (TypeError, ValueError, IndexError):
+        return 0.0
 
 
 def _safe_int(v) -> int:
