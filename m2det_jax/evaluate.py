@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from m2det_jax import data
 from m2det_jax import sharding as shd
-from m2det_jax.coco_eval import coco_evaluate, to_coco_results
+from m2det_jax.coco_eval import coco_evaluate, coco_results_array
 from m2det_jax.paths import as_path
 from m2det_jax.predict import config_for_size, make_predict_fn, make_tta_fn, tta_sizes
 from m2det_jax.voc_eval import voc_evaluate
@@ -95,11 +95,12 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
             metrics = voc_metrics(cfg, builder, split, preds)
         else:
             ann = official_annotations(cfg) or data.ground_truth(builder, split)
-            results = to_coco_results(
+            results = coco_results_array(
                 preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
                 preds["image_id"], data.category_ids(builder),
                 cfg.postprocess.pixel_offset)  # fmt: skip
-            metrics = coco_evaluate(ann, results, image_ids=preds["image_id"])
+            backend = cfg.get("eval", {}).get("backend", "faster_coco_eval")
+            metrics = coco_evaluate(ann, results, image_ids=preds["image_id"], backend=backend)
             metrics["num_images"] = int(len(preds["image_id"]))
             metrics["num_detections"] = len(results)
         if workdir:
