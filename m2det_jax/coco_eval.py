@@ -20,48 +20,16 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
 
 
-def to_coco_results(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    valid: np.ndarray,
-    image_ids: np.ndarray,
-    category_ids: Sequence[int],
-    pixel_offset: int = 0,
-) -> list[dict]:
-    """Detections [N, K, ...] (pixels, xyxy; classes 1..C-1) -> COCO result dicts.
+def coco_results_array(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                       valid: np.ndarray, image_ids: np.ndarray, category_ids: Sequence[int],
+                       pixel_offset: int = 0) -> np.ndarray:  # fmt: skip
+    """Detections [N, K, ...] (pixels, xyxy; classes 1..C-1) -> the valid rows as one
+    float64 array [M, 7] (image_id, x, y, w, h, score, category_id): what both backends'
+    `loadRes` read, built without a loop per row.
 
     `pixel_offset=1` writes w = x2 - x1 + 1 as the original's COCO export does.
     `category_ids[c - 1]` is the COCO id of contiguous class c.
     """
-    cat = np.asarray(category_ids)
-    valid = np.asarray(valid, bool)
-    img, _ = np.nonzero(valid)
-    xywh = box_ops.xyxy_to_xywh(np.asarray(boxes, np.float64)[valid], pixel_offset)
-    cats = cat[np.asarray(classes)[valid].astype(np.int64) - 1]
-    ids = np.asarray(image_ids)[img]
-    scores = np.asarray(scores)[valid].astype(np.float64)
-    return [
-        {"image_id": i, "category_id": c, "bbox": b, "score": sc}
-        for i, c, b, sc in zip(ids.tolist(), cats.tolist(), xywh.tolist(), scores.tolist(),
-                               strict=True)
-    ]
-
-
-COCO_BACKENDS = ("faster_coco_eval", "pycocotools")
-
-
-def coco_results_array(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    valid: np.ndarray,
-    image_ids: np.ndarray,
-    category_ids: Sequence[int],
-    pixel_offset: int = 0,
-) -> np.ndarray:
-    """`to_coco_results` as one float64 array [N, 7] (image_id, x, y, w, h, score,
-    category_id): what both backends' `loadRes` read, built without a loop per row."""
     cat = np.asarray(category_ids)
     valid = np.asarray(valid, bool)
     img, _ = np.nonzero(valid)
@@ -71,6 +39,20 @@ def coco_results_array(
         np.asarray(scores, np.float64)[valid][:, None],
         cat[np.asarray(classes)[valid].astype(np.int64) - 1][:, None].astype(np.float64),
     ], axis=1).reshape(-1, 7)  # fmt: skip
+
+
+def to_coco_results(*detections, **kw) -> list[dict]:
+    """`coco_results_array(*detections, **kw)` as COCO result dicts (image_id,
+    category_id, bbox [x, y, w, h], score), e.g. for a results JSON file."""
+    rows = coco_results_array(*detections, **kw)
+    return [
+        {"image_id": int(r[0]), "category_id": int(r[6]), "bbox": r[1:5].tolist(),
+         "score": float(r[5])}
+        for r in rows
+    ]  # fmt: skip
+
+
+COCO_BACKENDS = ("faster_coco_eval", "pycocotools")
 
 
 def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict] | np.ndarray,
