@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -83,9 +85,6 @@ def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict]
         results = json.loads(json.dumps(results))  # loadRes adds fields: work on a copy
     with quiet:
         if backend == "faster_coco_eval":
-            from faster_coco_eval import COCO as FasterCOCO
-            from faster_coco_eval import COCOeval_faster
-
             gt, evaluator = FasterCOCO(dataset), COCOeval_faster
         else:
             gt, evaluator = COCO(), COCOeval

@@ -327,14 +327,20 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
 
 
 def configs_dir() -> str:
-    """The folder of the shipped configs (the repository's configs/)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    """The folder of the shipped configs: the repository's configs/ (a source checkout or
+    an editable install), else the installed `m2det_jax.configs` package."""
+    repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    if os.path.isfile(os.path.join(repo, "shapes.py")):
+        return repo
+    spec = importlib.util.find_spec("m2det_jax.configs")
+    return os.path.dirname(spec.origin) if spec and spec.origin else repo
 
 
 def shipped_configs() -> dict[str, str]:
     """{name: path} of every shipped config, sorted by name."""
     d = configs_dir()
-    names = sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py")) if os.path.isdir(d) else []
+    files = os.listdir(d) if os.path.isdir(d) else []
+    names = sorted(f[:-3] for f in files if f.endswith(".py") and not f.startswith("_"))
     return {n: os.path.join(d, n + ".py") for n in names}
 
 

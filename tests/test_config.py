@@ -9,7 +9,7 @@ from m2det_jax import load_config
 from m2det_jax.config import apply_overrides, default_config
 from tests.helpers import CONFIGS, config_path
 
-SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
+SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py") and f[0] != "_")
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -26,6 +26,38 @@ def test_loads_by_path_from_any_directory(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "512"
+
+
+def test_packages_listed_in_pyproject_are_every_package_folder():
+    import tomllib
+
+    from tests.helpers import ROOT
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+             for d, _, files in os.walk(os.path.join(ROOT, "m2det_jax")) if "__init__.py" in files}  # fmt: skip
+    assert listed == found | {"m2det_jax.configs"}
+
+
+@pytest.mark.slow
+def test_bare_config_names_after_a_non_editable_install(tmp_path):
+    """A wheel of the project installed (no deps) into a folder of its own: bare shipped
+    names load from any directory, and `m2det summary --all` lists every shipped config."""
+    from tests.helpers import ROOT
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), ROOT], check=True, capture_output=True, timeout=600)  # fmt: skip
+    assert (site / "m2det_jax" / "configs" / "m2det512_vgg_voc.py").is_file()
+    assert not (site / "configs").exists()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (f"import m2det_jax, m2det_jax.config as c; assert m2det_jax.__file__.startswith({str(site)!r}); "
+            "cfg = m2det_jax.load_config('m2det512_vgg'); print(cfg.model.input_size, "
+            f"sorted(c.shipped_configs()) == {SHIPPED!r})")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                         capture_output=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["512", "True"]
 
 
 def test_overrides_are_typed():
