@@ -55,9 +55,11 @@ def check_signature(stored: dict[str, Any], cfg, where: str) -> None:
         )
 
 
-def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0):
+def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0,
+                   labels: dict[str, list] | None = None):  # fmt: skip
     """Writes `variables` and their model config as an orbax checkpoint at `directory`
-    (local or a URI such as gs://b/ckpt); returns the directory."""
+    (local or a URI such as gs://b/ckpt); returns the directory. `labels` (`dataset_labels`:
+    class names and category ids) travel with it, for `m2det detect` and evaluation."""
     directory = as_path(directory)
     variables = jax.tree.map(np.asarray, dict(variables))
     meta = {
@@ -67,6 +69,8 @@ def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "
         # Top-level modules present: all of them, or only "backbone" for ImageNet weights.
         "modules": sorted(variables["params"]),
     }
+    if labels:
+        meta["labels"] = labels
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
     ) as mngr:
@@ -91,8 +95,26 @@ def _train_checkpoints(directory):
     return None
 
 
-def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+def read_labels(directory: str | os.PathLike) -> dict[str, list] | None:
+    """{"class_names", "category_ids"} stored with a checkpoint (a `m2det convert` or
+    `m2det export` output, or a training workdir); None when it has none."""
+    try:
+        return read_meta(directory).get("labels")
+    except (FileNotFoundError, KeyError):
+        return None
+
+
+def _resolve(directory: str | os.PathLike):
+    """`directory`, or its `variables/` checkpoint when it is an `m2det export` folder."""
     directory = as_path(directory)
+    inner = directory / "variables"
+    if inner.is_dir() and any(p.name.isdigit() for p in inner.iterdir()):
+        return inner
+    return directory
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = _resolve(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     directory = _train_checkpoints(directory) or directory
@@ -109,11 +131,12 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
     A backbone-only checkpoint (converted ImageNet weights) restores as the subtree it holds.
 
     Args:
-      directory: the checkpoint directory.
+      directory: the checkpoint directory (`m2det convert` output, an `m2det export`
+        folder or a training workdir).
       cfg: the config the caller will build the model from.
       sharding: optional `jax.sharding.Sharding` for every leaf (default: first device).
     """
-    directory = as_path(directory)
+    directory = _resolve(directory)
     meta = read_meta(directory)
     check_signature(meta["model"], cfg, directory)
     train_dir = _train_checkpoints(directory)

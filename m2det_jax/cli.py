@@ -12,10 +12,15 @@ import json
 import os
 import sys
 
-from m2det_jax import runtime
+from m2det_jax import data, runtime
 from m2det_jax.annotate import detect_files
 from m2det_jax.benchmark import format_table, run_benchmark
-from m2det_jax.checkpoints import ConfigMismatchError, load_variables, save_variables
+from m2det_jax.checkpoints import (
+    ConfigMismatchError,
+    load_variables,
+    read_labels,
+    save_variables,
+)
 from m2det_jax.config import load_config, shipped_configs
 from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
 from m2det_jax.costs import format_cost_table, time_train_step, train_step_cost
@@ -74,7 +79,8 @@ def cmd_convert(args, cfg) -> int:
     if set(variables.get("params", {})) == {"backbone"}:
         print("backbone-only weights (ImageNet init): saving the backbone subtree")
     out = as_str(args.output or join(args.workdir, "converted"))
-    save_variables(out, variables, cfg, source=as_str(args.checkpoint))
+    labels = data.known_labels(int(cfg.model.num_classes))  # COCO / VOC names for official weights
+    save_variables(out, variables, cfg, source=as_str(args.checkpoint), labels=labels)
     print(f"converted {count_params(variables['params']):,} parameters -> {out}")
     return 0
 
@@ -130,6 +136,7 @@ def cmd_summary(args, cfg) -> int:
 def cmd_detect(args, cfg) -> int:
     variables = _load_checkpoint(args.checkpoint, cfg)
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    names = names or (read_labels(args.checkpoint) or {}).get("class_names")
     try:
         results = detect_files(
             cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
@@ -145,7 +152,7 @@ def cmd_detect(args, cfg) -> int:
 def cmd_export(args, cfg) -> int:
     variables = _load_checkpoint(args.checkpoint, cfg)
     info = export(cfg, variables, args.output, bf16=args.bf16, batch=args.batch,
-                  serving=args.serving)  # fmt: skip
+                  serving=args.serving, labels=read_labels(args.checkpoint))  # fmt: skip
     for k, v in info.items():
         print(f"{k}: {v}")
     return 0

@@ -205,6 +205,7 @@ def export(
     bf16: bool = False,
     batch: int = 0,
     serving: str = "jax",
+    labels: dict[str, list] | None = None,
 ) -> dict[str, str]:
     """Writes the inference checkpoint and the serving artefact to `output` (see module doc).
 
@@ -213,6 +214,8 @@ def export(
         (whose batch is always fixed).
       serving: "jax" (jax.export), "savedmodel" (orbax-export, needs TF), "auto" (SavedModel
         when available, else jax.export) or "none".
+      labels: {"class_names", "category_ids"} (`checkpoints.read_labels` of the source),
+        stored with the variables and in serving.json.
     Returns:
       {what: path} of everything written.
     """
@@ -220,7 +223,8 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     inf = inference_variables(variables, bf16)
     source = "m2det export" + (" (bf16)" if bf16 else "")
-    written = {"variables": save_variables(os.fspath(out / "variables"), inf, cfg, source)}
+    written = {"variables": save_variables(os.fspath(out / "variables"), inf, cfg, source,
+                                           labels=labels)}  # fmt: skip
     if serving == "auto":
         serving = "savedmodel" if savedmodel_available() else "jax"
     meta = {
@@ -238,6 +242,7 @@ def export(
         "outputs": "boxes [B,K,4] x1y1x2y2 pixels, scores [B,K], classes [B,K] (1..C-1), "
         "valid [B,K], num_dropped [B,C], num_tie_dropped [B]",
         "num_classes": int(cfg.model.num_classes),
+        "labels": labels,
         "weights_dtype": "bfloat16" if bf16 else "float32",
         "postprocess": cfg.postprocess.to_dict(),
     }

@@ -29,7 +29,6 @@ from m2det_jax import sharding as shd
 from m2det_jax.checkpoints import TrainCheckpoints, load_init_variables, model_signature
 from m2det_jax.convert import merge_variables
 from m2det_jax.data import augment, device_augment
-from m2det_jax.data.builders import train_source
 from m2det_jax.evaluate import evaluate_variables
 from m2det_jax.losses import multibox_loss
 from m2det_jax.models import build_model
@@ -145,7 +144,7 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
 def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
     """The grain pipeline of `m2det_jax.data` as (iterator factory, dataset size)."""
     builder = data.open_builder(cfg)
-    n = len(train_source(cfg, builder))  # with "+" splits, "trainval" and extra sets
+    n = len(data.train_source(cfg, builder))  # with "+" splits, "trainval" and extra sets
 
     def make(cfg, local_bs, process_index, process_count):
         del local_bs  # the pipeline splits the global batch itself
@@ -235,8 +234,10 @@ def train_and_evaluate(
         # Mesh and data.
         mesh = shd.make_mesh()
         local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
+        labels = None  # class names + category ids, stored with every checkpoint
         if train_iterator_fn is None:
             train_iterator_fn, num_train_examples = tfds_train_data(cfg)
+            labels = data.dataset_labels(data.open_builder(cfg))
         steps_per_epoch = cfg.train.steps_per_epoch or max(
             num_train_examples // cfg.train.batch_size, 1)
         n_steps = total_steps(cfg, steps_per_epoch)
@@ -283,6 +284,8 @@ def train_and_evaluate(
             donate_argnums=(0,),
         )
         meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch}
+        if labels:
+            meta["labels"] = labels
         # Global batches, data.prefetch ahead: the host pipeline runs during the step.
         ahead = cfg.data.get("prefetch", -1)
         ahead = (0 if jax.default_backend() == "cpu" else 2) if ahead < 0 else ahead

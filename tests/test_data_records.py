@@ -119,6 +119,7 @@ def test_package_exports():
         "open_builder", "annotation_file", "category_ids", "make_train_iterator",
         "make_eval_iterator", "DataStats", "DetectionIterator", "decode_image", "data_source",
         "decode_record", "ground_truth", "class_names", "is_voc", "voc_ground_truth",
+        "dataset_labels", "known_labels", "train_source",
     }  # fmt: skip
     assert set(data.__all__) == want
     for name in want:

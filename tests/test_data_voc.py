@@ -213,7 +213,7 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
     loads, and the log names each head tensor left out."""
     import jax
 
-    from m2det_jax.checkpoints import load_init_variables, load_variables
+    from m2det_jax.checkpoints import load_init_variables, load_variables, read_labels
     from m2det_jax.train import train_and_evaluate
 
     five = ("a", "b", "c", "d", "e")
@@ -230,6 +230,9 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
     assert 0.0 <= m["mAP"] <= 1.0 and set(m) >= {f"AP/{c}" for c in five}
     saved = json.loads((tmp_path / "run5" / "eval_metrics.json").read_text())
     assert saved["mAP"] == pytest.approx(m["mAP"])
+    # The dataset's class names travel with the training checkpoints.
+    assert read_labels(str(tmp_path / "run5")) == {"class_names": list(five),
+                                                   "category_ids": [1, 2, 3, 4, 5]}  # fmt: skip
 
     cfg3 = load_config(config_path("tiny"), [
         *common, f"data.root={tmp_path / 'three'}", "model.num_classes=4",

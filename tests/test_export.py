@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from m2det_jax import build_model, detect, load_config, prior_boxes
-from m2det_jax.checkpoints import load_variables, save_variables
+from m2det_jax.checkpoints import load_variables, read_labels, save_variables
 from m2det_jax.export import export, load_saved_model, load_serving, savedmodel_available
 from m2det_jax.preprocess import normalize
 from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
@@ -21,8 +21,12 @@ from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_v
 def setup(tmp_path_factory):
     cfg = load_config(config_path("tiny"), OVERRIDES)
     v = tiny_variables(cfg)
-    ckpt = save_variables(tmp_path_factory.mktemp("ckpt") / "vars", v, cfg, source="test")
+    ckpt = save_variables(tmp_path_factory.mktemp("ckpt") / "vars", v, cfg, source="test",
+                          labels=LABELS)  # fmt: skip
     return cfg, v, ckpt
+
+
+LABELS = {"class_names": ["a", "b", "c"], "category_ids": [3, 7, 9]}
 
 
 def test_export_cli_round_trip(setup, tmp_path):
@@ -47,10 +51,14 @@ def test_export_cli_round_trip(setup, tmp_path):
     assert rc == 0
     meta = json.loads((out / "serving.json").read_text())
     assert meta["format"] == "jax" and meta["batch"] == "b" and meta["input_size"] == 64
-    # Inference checkpoint: params + batch_stats, identical values.
-    got = load_variables(out / "variables", cfg)
-    assert set(got) == {"params", "batch_stats"}
-    jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(v))
+    # Inference checkpoint: params + batch_stats, identical values; the export folder
+    # itself loads (m2det eval / detect --checkpoint OUT), with the source's labels.
+    for where in (out / "variables", out):
+        got = load_variables(where, cfg)
+        assert set(got) == {"params", "batch_stats"}
+        jax.tree.map(np.testing.assert_array_equal, got, jax.device_get(v))
+        assert read_labels(where) == LABELS
+    assert meta["labels"] == LABELS
     # Serving artefact (symbolic batch): 3 images, compared with the in-process network.
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (3, 64, 64, 3), np.uint8)

@@ -7,7 +7,8 @@
   shapes       the synthetic shapes builder (build_shapes)
   coco_folder  a builder for any COCO-format folder (build_coco_folder)
   voc_folder   a builder for any VOC-format folder (build_voc_folder)
-  builders     cfg.data.dataset -> prepared builder (open_builder)
+  builders     cfg.data.dataset -> prepared builder (open_builder), train_source,
+               dataset_labels, known_labels
   augment      train augmentation, eval resize (OpenCV, on the host)
   device_augment  the same augmentation batched in JAX, inside the jitted train step
   examples     per-example grain transforms (decode, augment or place on a canvas, pad)
@@ -35,6 +36,9 @@ _EXPORTS = {
     "is_voc": "voc",
     "voc_ground_truth": "voc",
     "open_builder": "builders",
+    "dataset_labels": "builders",
+    "known_labels": "builders",
+    "train_source": "builders",
     "DataStats": "iterator",
     "DetectionIterator": "iterator",
     "make_eval_iterator": "pipeline",

@@ -22,10 +22,10 @@ from collections.abc import Callable
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
-from m2det_jax.data import schema
+from m2det_jax.data import coco_json, schema
 from m2det_jax.data.coco_folder import build_coco_folder
 from m2det_jax.data.shapes import build_shapes
-from m2det_jax.data.voc_folder import build_voc_folder
+from m2det_jax.data.voc_folder import VOC_CLASSES, build_voc_folder
 from m2det_jax.paths import as_str
 
 
@@ -124,6 +124,25 @@ def prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
             f"tfds.builder({name!r}, data_dir=..., file_format='array_record')"
             f".download_and_prepare(), and set cfg.data.data_dir."
         ) from e
+
+
+def dataset_labels(builder: tfds.core.DatasetBuilder) -> dict[str, list]:
+    """{"class_names", "category_ids"} of model classes 1..C-1 (index k - 1), stored with
+    every checkpoint and export so that predictions carry names without the dataset."""
+    return {"class_names": schema.class_names(builder),
+            "category_ids": coco_json.category_ids(builder)}  # fmt: skip
+
+
+def known_labels(num_classes: int) -> dict[str, list] | None:
+    """The labels of the datasets the original was released for, by class count (81:
+    COCO 2017, 21: PASCAL VOC), for converted official checkpoints; else None."""
+    if num_classes == len(schema.COCO_2017_CATEGORIES) + 1:
+        return {"class_names": [n for _, n in schema.COCO_2017_CATEGORIES],
+                "category_ids": list(schema.COCO_2017_CATEGORY_IDS)}  # fmt: skip
+    if num_classes == len(VOC_CLASSES) + 1:
+        return {"class_names": list(VOC_CLASSES),
+                "category_ids": list(range(1, len(VOC_CLASSES) + 1))}  # fmt: skip
+    return None
 
 
 def check_num_classes(cfg, builder: tfds.core.DatasetBuilder) -> None:
