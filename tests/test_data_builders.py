@@ -346,3 +346,24 @@ def test_missing_eval_split_is_found_before_training(tmp_path):
     assert "no split 'validation'" in why and "data.eval_annotation_file" in why
     cfg.data.eval_split = "train"
     assert missing_eval_split(cfg) is None
+
+
+def test_coco_folder_rebuilt_when_its_json_changes(tmp_path, caplog):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.png").write_bytes(encode_png(np.zeros((40, 50, 3), np.uint8)))
+    images = [{"id": 1, "file_name": "1.png", "width": 50, "height": 40}]
+    cats = [{"id": 1, "name": "a"}]
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 4, 20, 10], "iscrowd": 0}
+    img_dir, path = _write_folder(tmp_path, images, [ann], cats)
+    cfg = small_data_config(dataset="coco_folder", data_dir=str(tmp_path / "tfds"),
+                            image_dir=str(img_dir), annotation_file=str(path))  # fmt: skip
+    first = builders.open_builder(cfg)
+    assert builders.open_builder(cfg).data_dir == first.data_dir  # unchanged: reused
+    _write_folder(tmp_path, images, [{**ann, "bbox": [10, 8, 20, 10]}], cats)
+    with caplog.at_level("WARNING"):
+        edited = builders.open_builder(cfg)
+    assert edited.data_dir != first.data_dir
+    assert "inputs changed since the build(s)" in caplog.text
+    (rec,) = stored_records(edited, "train")
+    np.testing.assert_allclose(np.asarray(rec["objects"]["bbox"]).reshape(-1, 4),
+                               [[8 / 40, 10 / 50, 18 / 40, 30 / 50]], atol=1e-6)  # fmt: skip

@@ -95,7 +95,7 @@ def test_voc_folder_refuses_unknown_classes_and_escaping_ids(tmp_path, voc_root)
         data.open_builder(_voc_cfg(root, tmp_path / "tfds"))
 
 
-def test_voc_folder_rebuilds_when_annotations_change(tmp_path):
+def test_voc_folder_rebuilds_when_annotations_change(tmp_path, caplog):
     root = tmp_path / "VOC"
     write_voc_folder(str(root), CLASSES, {"trainval": 3, "test": 1})
     cfg = _voc_cfg(root, tmp_path / "tfds")
@@ -106,8 +106,10 @@ def test_voc_folder_rebuilds_when_annotations_change(tmp_path):
     xml.write_text(voc_xml("000001", 96, 80, [("dog", (5, 6, 30, 40), False)]))
     st = os.stat(xml)
     os.utime(xml, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    edited = data.open_builder(cfg)
+    with caplog.at_level("WARNING"):
+        edited = data.open_builder(cfg)
     assert edited.data_dir != first.data_dir
+    assert "its inputs changed since the build(s)" in caplog.text
     (rec,) = [r for r in stored_records(edited, "trainval") if int(r["image/id"]) == 1]
     np.testing.assert_allclose(np.asarray(rec["objects"]["bbox"]).reshape(-1, 4),
                                [[6 / 80, 5 / 96, 40 / 80, 30 / 96]], atol=1e-6)  # fmt: skip

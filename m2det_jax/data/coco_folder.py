@@ -58,14 +58,18 @@ def coco_folder_config(
     eval_image_dir: str | os.PathLike | None = None,
     eval_annotation_file: str | os.PathLike | None = None,
 ) -> CocoFolderConfig:
-    """Config named after a hash of the absolute paths (so each folder gets its own dir)."""
+    """Config named after the folder (a hash of the absolute paths) and its inputs (the
+    annotation files' content, the image folders' listing): `f<paths>_<inputs>`, so each
+    folder gets its own build and an edited one is built afresh."""
     paths = [
         as_str(p) if p else ""
         for p in (image_dir, annotation_file, eval_image_dir, eval_annotation_file)
     ]
-    digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+    digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:8]
+    inputs = schema.inputs_digest([p for p in (paths[1], paths[3]) if p],
+                                  sorted({p for p in (paths[0], paths[2]) if p}))  # fmt: skip
     return CocoFolderConfig(
-        name=f"f{digest}",
+        name=f"f{digest}_{inputs[:8]}",
         description="COCO-format folder: " + ", ".join(p for p in paths if p),
         image_dir=paths[0],
         annotation_file=paths[1],
@@ -266,7 +270,7 @@ def build_coco_folder(
         config=coco_folder_config(image_dir, annotation_file, eval_image_dir, eval_annotation_file),
         file_format="array_record",
     )
-    schema.prepare(builder)
+    schema.prepare(builder, stale_prefix=builder.builder_config.name.split("_")[0] + "_")
     stats = builder.info.metadata.get("build_stats", {})
     if any(stats.values()):
         log.warning("coco_folder %s: %s", builder.builder_config.description, stats)

@@ -9,9 +9,16 @@ read with `data_source` (images left encoded; `records.decode_record` decodes th
 from __future__ import annotations
 
 import bisect
+import hashlib
+import logging
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from m2det_jax.paths import as_path, is_uri
+
+log = logging.getLogger(__name__)
 
 # COCO 2017's 80 categories as (id, name), in id order: TFDS coco/2017 label i is
 # COCO_2017_CATEGORIES[i]. Data, not code: the ids have gaps (12, 26, 29, 30, ...).
@@ -121,8 +128,40 @@ def class_names(builder: tfds.core.DatasetBuilder) -> list[str]:
     return list(builder.info.features["objects"]["label"].names)
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
-    """`download_and_prepare` for generated builders; never touches the network."""
+def inputs_digest(files=(), folders=()) -> str:
+    """12 hex digits of the content of `files` (paths; missing ones hash as absent) and of
+    the listing (name, size, modification time) of local `folders`: a build named with it
+    is rebuilt when its inputs change. Object-store folders are not listed."""
+    h = hashlib.sha1()
+    for f in files:
+        p = as_path(f)
+        h.update(os.fspath(p).encode() + b"\0" + (p.read_bytes() if p.is_file() else b"-"))
+    for d in folders:
+        if not d or is_uri(d) or not os.path.isdir(d):
+            continue
+        for root, dirs, names in os.walk(d):
+            dirs.sort()
+            for name in sorted(names):
+                st = os.stat(os.path.join(root, name))
+                rel = os.path.relpath(os.path.join(root, name), d)
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def prepare(builder: tfds.core.DatasetBuilder, stale_prefix: str = "") -> None:
+    """`download_and_prepare` for generated builders; never touches the network.
+
+    With `stale_prefix` (the part of a build's config name that names the folder, the rest
+    hashing its inputs), a new build of a folder built before logs that its inputs changed.
+    """
+    if stale_prefix and not builder.is_prepared():
+        root = as_path(builder.data_dir).parent.parent  # <data_dir>/<name>/<config>/<ver>
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+        this = builder.builder_config.name
+        old = sorted(n for n in names if n.startswith(stale_prefix) and n != this)
+        why = (f"its inputs changed since the build(s) {old}" if old else "first build")
+        log.warning("building %s %s into %s: %s", builder.name,
+                    builder.builder_config.description, builder.data_dir, why)  # fmt: skip
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )

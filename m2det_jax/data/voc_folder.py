@@ -24,8 +24,9 @@ XML that does not parse, or an image whose header does not read, is skipped; a b
 clipped. All of these are counted in `info.metadata["build_stats"]`, with the first
 skipped files named in `skipped_files`, and logged.
 
-The build's name is a hash of the folder, the class list and the size and modification
-time of every split file and XML, so editing the annotations builds afresh.
+The build's name hashes the folder and class list, then the split files' content and the
+size and modification time of every XML and image, so editing the annotations builds
+afresh (and the log says so).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from PIL import Image
 
 from m2det_jax.data import records, schema
 from m2det_jax.data.coco_folder import resolve_image_path
-from m2det_jax.paths import as_path, as_str, is_uri
+from m2det_jax.paths import as_path, as_str
 
 log = logging.getLogger(__name__)
 
@@ -126,19 +127,6 @@ def _parse(xml_path: str) -> tuple[dict, list[dict]]:
     return size, objects
 
 
-def _fingerprint(root: str, splits: dict) -> str:
-    """Hash of the split files and of every XML they name (size, mtime)."""
-    h = hashlib.sha1(as_str(root).encode())
-    for name, path in sorted(splits.items()):
-        h.update(name.encode() + b"\0" + as_path(path).read_bytes())
-    ann = as_path(root) / "Annotations"
-    if ann.is_dir() and not is_uri(root):  # object stores: the split files only
-        for entry in sorted(os.scandir(os.fspath(ann)), key=lambda e: e.name):
-            st = entry.stat()
-            h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:12]
-
-
 def infer_class_names(root: str) -> tuple[str, ...]:
     """Every object name in the XMLs the split files list, sorted (unparseable skipped)."""
     names = set()
@@ -155,15 +143,18 @@ def infer_class_names(root: str) -> tuple[str, ...]:
 
 
 def voc_folder_config(root: str | os.PathLike, class_names=()) -> VocFolderConfig:
-    """Config named after a hash of the folder, its classes and its annotations."""
+    """Config named after the folder and classes, and its inputs (the split files'
+    content, the Annotations/ and JPEGImages/ listings): `v<folder>_<inputs>`."""
     root = as_str(root)
     splits = split_files(root)
     names = tuple(class_names) or infer_class_names(root)
     if len(set(names)) != len(names):
         raise ValueError(f"data.class_names={names}: names must be unique")
-    digest = hashlib.sha1(("\n".join(names) + _fingerprint(root, splits)).encode()).hexdigest()
+    digest = hashlib.sha1("\n".join([root, *names]).encode()).hexdigest()[:8]
+    folders = [os.fspath(as_path(root) / sub) for sub in ("Annotations", "JPEGImages")]
+    inputs = schema.inputs_digest(list(splits.values()), folders)
     return VocFolderConfig(
-        name=f"v{digest[:12]}",
+        name=f"v{digest}_{inputs[:8]}",
         description=f"VOC-format folder: {root}",
         root=root,
         class_names=names,
@@ -277,10 +268,7 @@ def build_voc_folder(data_dir: str | os.PathLike, *, root: str | os.PathLike,
         raise ValueError("voc_folder needs cfg.data.root (the folder with Annotations/)")
     builder = VocFolder(data_dir=os.fspath(data_dir), config=voc_folder_config(root, class_names),
                         file_format="array_record")  # fmt: skip
-    if not builder.is_prepared():
-        log.warning("voc_folder: building %s into %s (new folder or changed annotations)",
-                    root, builder.data_dir)  # fmt: skip
-    schema.prepare(builder)
+    schema.prepare(builder, stale_prefix=builder.builder_config.name.split("_")[0] + "_")
     stats = builder.info.metadata.get("build_stats", {})
     if any(v for k, v in stats.items() if k != "skipped_files"):
         log.warning("voc_folder %s: %s", root, stats)
