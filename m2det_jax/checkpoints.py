@@ -134,7 +134,8 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
       directory: the checkpoint directory (`m2det convert` output, an `m2det export`
         folder or a training workdir).
       cfg: the config the caller will build the model from.
-      sharding: optional `jax.sharding.Sharding` for every leaf (default: first device).
+      sharding: optional `jax.sharding.Sharding` for every leaf (default: this process's
+        first device, so that every process of a multi-host run restores its own copy).
     """
     directory = _resolve(directory)
     meta = read_meta(directory)
@@ -146,7 +147,7 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
                 state=ocp.args.StandardRestore()))["state"]  # fmt: skip
         return {"params": state["params"], "batch_stats": state["batch_stats"]}
     abstract = abstract_variables(cfg)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     modules = meta.get("modules")
     if modules is not None:  # e.g. a backbone-only checkpoint
         abstract = {c: {m: t[m] for m in modules if m in t} for c, t in abstract.items()}

@@ -67,8 +67,14 @@ def _load_checkpoint(path: str, cfg):
         raise SystemExit(f"error: {e}") from None
 
 
-def _int_list(text: str | None) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+def _int_list(text: str | None, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+    except ValueError:
+        values = (0,)
+    if any(v < 1 for v in values):
+        raise SystemExit(f"error: {flag}={text!r}: expected comma-separated positive integers")
+    return values
 
 
 def cmd_convert(args, cfg) -> int:
@@ -111,9 +117,13 @@ def cmd_train(args, cfg) -> int:
 
 
 def cmd_eval(args, cfg) -> int:
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     variables = _load_checkpoint(args.checkpoint, cfg)
     as_path(args.workdir).mkdir(parents=True, exist_ok=True)
-    m = evaluate_variables(cfg, variables, workdir=args.workdir)
+    try:
+        m = evaluate_variables(cfg, variables, workdir=args.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
                      indent=1))  # fmt: skip
     return 0
@@ -141,7 +151,7 @@ def cmd_detect(args, cfg) -> int:
         results = detect_files(
             cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
             class_names=names, batch_size=args.batch,
-            tta_sizes=_int_list(args.tta_sizes) or tuple(cfg.tta.sizes),
+            tta_sizes=_int_list(args.tta_sizes, "--tta_sizes") or tuple(cfg.tta.sizes),
             tta_flip=args.tta_flip or bool(cfg.tta.flip))  # fmt: skip
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
@@ -173,6 +183,13 @@ def cmd_benchmark(args, cfg) -> int:
     return 0
 
 
+def _distributed_flags(sp) -> None:
+    """jax.distributed flags (auto-detected on TPU pods and SLURM when left out)."""
+    sp.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    sp.add_argument("--num_processes", type=int, default=None)
+    sp.add_argument("--process_id", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="m2det", description="M2Det in JAX/Flax. Config overrides: --config.a.b=value"
@@ -199,12 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="a table of every shipped config")
     sp = add("train", "train (resumes from WORKDIR/checkpoints if present)", cmd_train,
              "configs/shapes.py")  # fmt: skip
-    sp.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    sp.add_argument("--num_processes", type=int, default=None)
-    sp.add_argument("--process_id", type=int, default=None)
+    _distributed_flags(sp)
     sp = add("eval", "COCO or VOC metrics of a checkpoint on cfg.data.eval_split", cmd_eval)
     sp.add_argument("--checkpoint", required=True,
                     help="variables checkpoint (m2det convert / export) or a train workdir")
+    _distributed_flags(sp)
     sp = add("detect", "images / a folder / a glob -> images with boxes + detections.json",
              cmd_detect)  # fmt: skip
     sp.add_argument("--checkpoint", required=True,

@@ -94,7 +94,10 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
         if metric_of(cfg, builder) == "voc":
             metrics = voc_metrics(cfg, builder, split, preds)
         else:
-            ann = official_annotations(cfg) or data.ground_truth(builder, split)
+            official = official_annotations(cfg)
+            ann = official or data.ground_truth(builder, split)
+            source = official or f"rebuilt from the {cfg.data.dataset} {split} records"
+            print(f"COCO ground truth: {source}", flush=True)
             results = coco_results_array(
                 preds["boxes"], preds["scores"], preds["classes"], preds["valid"],
                 preds["image_id"], data.category_ids(builder),
@@ -103,6 +106,7 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
             metrics = coco_evaluate(ann, results, image_ids=preds["image_id"], backend=backend)
             metrics["num_images"] = int(len(preds["image_id"]))
             metrics["num_detections"] = len(results)
+            metrics["ground_truth"] = source
         if workdir:
             out = as_path(workdir) / "eval_metrics.json"
             out.write_text(json.dumps({"step": step, **metrics}, indent=1))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from m2det_jax import data
+from m2det_jax import data, load_config
 from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, coco_results_array, to_coco_results
 from tests.helpers import (
     OVERRIDES,
@@ -211,3 +211,44 @@ def test_two_process_eval_plain_and_tta_match_one_process(shapes, tmp_path):
     # TTA merged other passes: not the plain rows.
     t, pl = two["tta"], two["plain"]
     assert t["num_valid"] != pl["num_valid"] or t["boxes"] != pl["boxes"]
+
+
+@pytest.mark.slow
+def test_eval_cli_on_two_processes_matches_one(shapes, tmp_path):
+    """`m2det eval --coordinator_address ... --num_processes 2 --process_id i` (the same
+    flags as train): process 0 writes the metrics of every image, equal to one process's."""
+    import socket
+    import subprocess
+    import sys
+
+    from m2det_jax.checkpoints import save_variables
+    from m2det_jax.evaluate import evaluate_variables
+
+    data_dir, _ = shapes
+    overrides = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50",
+                 "model.num_classes=5", "data.dataset=shapes", "data.eval_batch_size=4",
+                 "data.shapes_num_train=16", "data.shapes_num_validation=8",
+                 "postprocess.score_threshold=0.05", f"data.data_dir={data_dir}"]  # fmt: skip
+    cfg = load_config(config_path("tiny"), overrides)
+    v = tiny_variables(cfg)
+    ckpt = save_variables(tmp_path / "ckpt", v, cfg, source="test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "m2det_jax.cli", "eval", "--config", config_path("tiny"),
+           *(f"--config.{o}" for o in overrides), "--checkpoint", str(ckpt),
+           "--workdir", str(tmp_path / "two"), "--coordinator_address", addr,
+           "--num_processes", "2"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([*cmd, "--process_id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    two = json.loads((tmp_path / "two" / "eval_metrics.json").read_text())
+    one = evaluate_variables(cfg, v)
+    assert two["num_images"] == one["num_images"] == 8
+    assert two["num_detections"] == one["num_detections"] > 0  # random weights: AP ~0
+    assert "rebuilt from the shapes validation records" in two["ground_truth"]
+    for k in METRIC_NAMES:
+        assert two[k] == pytest.approx(one[k], abs=1e-6), k
