@@ -13,6 +13,7 @@ and `meta` (model signature, steps per epoch). Saves are asynchronous.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -55,6 +56,43 @@ def check_signature(stored: dict[str, Any], cfg, where: str) -> None:
         )
 
 
+# Fields that change what the weights compute without changing their shapes: recorded
+# with every checkpoint; loading with other values is a ConfigMismatchError naming each
+# field, unless explicitly allowed (`--allow_config_mismatch`,
+# `train.allow_config_mismatch`). The loss fields matter only to a resumed run.
+OUTPUT_FIELDS = (
+    "model.input_size", "anchors.size_pattern", "anchors.steps", "anchors.aspect_ratios",
+    "anchors.variance", "anchors.clip", "preprocess.channel_order", "preprocess.pixel_means",
+    "preprocess.pixel_scale",
+)  # fmt: skip
+TRAINING_FIELDS = ("loss.overlap_thresh", "loss.neg_pos")
+
+
+def config_fingerprint(cfg) -> dict[str, Any]:
+    """{"section.field": value} of OUTPUT_FIELDS and TRAINING_FIELDS, JSON-normalised."""
+    out = {}
+    for field in OUTPUT_FIELDS + TRAINING_FIELDS:
+        section, name = field.split(".")
+        out[field] = json.loads(json.dumps(cfg[section].get(name)))
+    return out
+
+
+def check_fingerprint(stored: dict[str, Any] | None, cfg, where, fields=OUTPUT_FIELDS,
+                      allow: bool = False) -> None:  # fmt: skip
+    """ConfigMismatchError naming every field of `fields` whose stored value differs from
+    `cfg`'s (fields a checkpoint did not record are not compared)."""
+    if not stored or allow:
+        return
+    want = config_fingerprint(cfg)
+    diff = [f"{f}: checkpoint {stored[f]!r}, config {want[f]!r}"
+            for f in fields if f in stored and stored[f] != want[f]]  # fmt: skip
+    if diff:
+        raise ConfigMismatchError(
+            f"checkpoint {where} was written with other settings that change its outputs:\n  "
+            + "\n  ".join(diff) + "\n(use the checkpoint's values, or load it anyway with "
+            "--allow_config_mismatch / train.allow_config_mismatch=true)")
+
+
 def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0,
                    labels: dict[str, list] | None = None):  # fmt: skip
     """Writes `variables` and their model config as an orbax checkpoint at `directory`
@@ -68,6 +106,7 @@ def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "
         "source": str(source),
         # Top-level modules present: all of them, or only "backbone" for ImageNet weights.
         "modules": sorted(variables["params"]),
+        "fingerprint": config_fingerprint(cfg),
     }
     if labels:
         meta["labels"] = labels
@@ -125,7 +164,8 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str, Any]:
+def load_variables(directory: str | os.PathLike, cfg, sharding=None,
+                   allow_config_mismatch: bool = False) -> dict[str, Any]:  # fmt: skip
     """Restores variables written by `save_variables`, after checking the model config.
 
     A backbone-only checkpoint (converted ImageNet weights) restores as the subtree it holds.
@@ -134,12 +174,14 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None) -> dict[str
       directory: the checkpoint directory (`m2det convert` output, an `m2det export`
         folder or a training workdir).
       cfg: the config the caller will build the model from.
+      allow_config_mismatch: load even if OUTPUT_FIELDS differ from the checkpoint's.
       sharding: optional `jax.sharding.Sharding` for every leaf (default: this process's
         first device, so that every process of a multi-host run restores its own copy).
     """
     directory = _resolve(directory)
     meta = read_meta(directory)
     check_signature(meta["model"], cfg, directory)
+    check_fingerprint(meta.get("fingerprint"), cfg, directory, allow=allow_config_mismatch)
     train_dir = _train_checkpoints(directory)
     if train_dir is not None:  # a training run: take params/batch_stats of its latest step
         with ocp.CheckpointManager(train_dir) as mngr:
@@ -181,11 +223,11 @@ def load_init_variables(directory: str | os.PathLike, cfg) -> tuple[dict[str, An
     stored = read_meta(directory)["model"]
     want = model_signature(cfg)
     if stored.get("num_classes") == want["num_classes"]:
-        return load_variables(directory, cfg), []
+        return load_variables(directory, cfg, allow_config_mismatch=True), []
     check_signature({**stored, "num_classes": want["num_classes"]}, cfg, directory)
     src = cfg.copy_and_resolve_references()
     src.model.num_classes = int(stored["num_classes"])
-    variables = load_variables(directory, src)
+    variables = load_variables(directory, src, allow_config_mismatch=True)
     skipped = []
     params = dict(variables["params"])
     for name in sorted(params):
@@ -211,9 +253,14 @@ class TrainCheckpoints:
 
     def restore(self, step: int, target, cfg) -> tuple[Any, dict[str, Any]]:
         """(state restored into `target`'s shapes, dtypes and shardings, {process index:
-        iterator state}) of `step`, after checking the model config."""
+        iterator state}) of `step`, after checking the model config and every field that
+        changes the run's outputs or losses (`train.allow_config_mismatch` skips the
+        latter)."""
         meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         check_signature(meta["meta"]["model"], cfg, self.directory)
+        check_fingerprint(meta["meta"].get("fingerprint"), cfg, self.directory,
+                          OUTPUT_FIELDS + TRAINING_FIELDS,
+                          bool(cfg.train.get("allow_config_mismatch", False)))  # fmt: skip
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))  # fmt: skip
         return restored["state"], restored["data"]

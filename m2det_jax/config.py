@@ -114,6 +114,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000  # steps between (async) checkpoints
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # steps between evaluations (0: only at the end, < 0: never)
+    # Resume even if anchors, input size, preprocessing or loss settings differ from the
+    # checkpoint's (refused by default: checkpoints.OUTPUT_FIELDS, TRAINING_FIELDS).
+    c.train.allow_config_mismatch = False
     c.train.init_checkpoint = ""  # `m2det convert` output: full model or backbone only
     # (start, stop): a jax.profiler trace of steps start..stop-1 in <workdir>/profile.
     c.train.profile_steps = (0, 0)

@@ -26,7 +26,12 @@ from tqdm import tqdm
 
 from m2det_jax import accumulate, data, throughput
 from m2det_jax import sharding as shd
-from m2det_jax.checkpoints import TrainCheckpoints, load_init_variables, model_signature
+from m2det_jax.checkpoints import (
+    TrainCheckpoints,
+    config_fingerprint,
+    load_init_variables,
+    model_signature,
+)
 from m2det_jax.convert import merge_variables
 from m2det_jax.data import augment, device_augment
 from m2det_jax.evaluate import evaluate_variables
@@ -283,7 +288,8 @@ def train_and_evaluate(
             out_shardings=(state_sharding, shd.replicated(mesh)),
             donate_argnums=(0,),
         )
-        meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch}
+        meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch,
+                "fingerprint": config_fingerprint(cfg)}  # fmt: skip
         if labels:
             meta["labels"] = labels
         # Global batches, data.prefetch ahead: the host pipeline runs during the step.

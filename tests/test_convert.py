@@ -183,6 +183,18 @@ def test_cli_convert_writes_restorable_orbax_checkpoint(tmp_path):
     other = load_config(config_path("tiny"), ["model.num_classes=7", "model.planes=32"])
     with pytest.raises(ConfigMismatchError, match="model.num_classes: checkpoint 4, config 7"):
         load_variables(out, other)
+    # Same shapes, other outputs: refused, every field named, unless explicitly allowed.
+    moved = load_config(config_path("tiny"), ["anchors.variance=(0.1,0.25)",
+                                              "preprocess.pixel_means=(1.0,2.0,3.0)"])  # fmt: skip
+    with pytest.raises(ConfigMismatchError,
+                       match=r"(?s)anchors.variance: checkpoint \[0.1, 0.2\], config \[0.1, "
+                             r"0.25\].*preprocess.pixel_means"):  # fmt: skip
+        load_variables(out, moved)
+    jax.tree.map(np.testing.assert_array_equal,
+                 load_variables(out, moved, allow_config_mismatch=True), ref)  # fmt: skip
+    with pytest.raises(SystemExit, match="anchors.variance"):
+        cli_main(["eval", "--config", config_path("tiny"), "--checkpoint", str(out),
+                  "--config.anchors.variance=(0.1,0.25)", "--workdir", str(tmp_path / "e")])  # fmt: skip
 
 
 def test_cli_convert_reports_bad_file(tmp_path, capsys):

@@ -155,3 +155,11 @@ def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
         train_and_evaluate(cfg, str(wd), train_iterator_fn=make_synthetic,
                            num_train_examples=64, evaluate_fn=lambda c, v, s: {},
                            progress=False)
+    # Same weight shapes, other outputs: an anchors-only or loss-only change is refused too.
+    for override, field in (("anchors.variance=(0.1,0.25)", "anchors.variance"),
+                            ("loss.neg_pos=2", "loss.neg_pos")):  # fmt: skip
+        cfg = load_config(config_path("tiny"), [override, "train.num_steps=2"])
+        with pytest.raises(ConfigMismatchError, match=rf"{field}: checkpoint .*, config"):
+            train_and_evaluate(cfg, str(wd), train_iterator_fn=make_synthetic,
+                               num_train_examples=64, evaluate_fn=lambda c, v, s: {},
+                               progress=False)  # fmt: skip
