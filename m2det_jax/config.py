@@ -165,6 +165,9 @@ def default_config() -> ml_collections.ConfigDict:
     # and with the same classes, e.g. (("voc/2012", "trainval"),) after voc/2007's
     # trainval (what data.dataset "voc" does by itself).
     c.data.extra_train_sets = ()
+    # Stop with an error once more than this fraction of the (>= 64) examples read do not
+    # decode, instead of training (or spinning) on what is left.
+    c.data.max_bad_fraction = 0.5
     c.data.keep_difficult = False  # VOC is_difficult boxes: dropped in training (original)
     # Evaluation metric: "voc" (mAP at IoU 0.5, `m2det_jax.voc_eval`), "coco" (the 12
     # COCO numbers) or "auto" (voc for datasets whose objects carry is_difficult).
@@ -248,6 +251,9 @@ def validate(cfg) -> None:
     if backend not in ("faster_coco_eval", "pycocotools"):
         raise ValueError(f"eval.backend={backend!r}: expected faster_coco_eval or pycocotools")
     d = cfg.data
+    mbf = d.get("max_bad_fraction", 0.5)
+    if isinstance(mbf, bool) or not isinstance(mbf, (int, float)) or not 0 <= mbf <= 1:
+        raise ValueError(f"data.max_bad_fraction={mbf!r}: a fraction in [0, 1]")
     if d.get("metric", "auto") not in METRICS:
         raise ValueError(f"data.metric={d.metric!r}: expected one of {METRICS}")
     for pair in d.get("extra_train_sets", ()):

@@ -160,6 +160,14 @@ def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
     return make, n
 
 
+def data_counts(data_iter) -> dict[str, float]:
+    """The input pipeline's `DataStats` so far (this host's) as `data_<key>` columns of
+    metrics.jsonl / TensorBoard; empty for iterators without stats."""
+    stats = getattr(data_iter, "stats", None)
+    counts = stats.as_dict() if hasattr(stats, "as_dict") else {}
+    return {f"data_{k}": float(v) for k, v in counts.items()}
+
+
 def missing_eval_split(cfg) -> str | None:
     """Why cfg.data.eval_split cannot be evaluated (None when it can): checked before
     training, so a run without a validation split trains and says so instead of failing
@@ -344,13 +352,18 @@ def train_and_evaluate(
                         )
                     m.update(meter.read())
                     last_metrics = m
+                    data_stats = data_counts(data_iter)
                     if is_log:
-                        log.write(step, {k: m[k] for k in LOGGED + LOGGED_IF_KNOWN if k in m})
+                        log.write(step, {**{k: m[k] for k in LOGGED + LOGGED_IF_KNOWN if k in m},
+                                         **data_stats})  # fmt: skip
                     if bar is not None:
                         post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2g}",
                                 "img_s": f"{m['images_per_sec']:.1f}"}  # fmt: skip
                         if "mfu" in m:
                             post["mfu"] = f"{m['mfu']:.1%}"
+                        skipped = data_stats.get("data_bad_images", 0)
+                        if skipped:
+                            post["bad_img"] = int(skipped)
                         bar.set_postfix(post)
                 if bar is not None:
                     bar.update(1)
@@ -367,6 +380,9 @@ def train_and_evaluate(
             raise
         if bar is not None:
             bar.close()
+        if is_main and data_counts(data_iter):
+            print("data (this host): " + ", ".join(
+                f"{k[5:]} {int(v)}" for k, v in data_counts(data_iter).items()), flush=True)
         profiler.close(state)
         batches.close()
 

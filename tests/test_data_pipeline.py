@@ -121,3 +121,40 @@ def test_worker_processes_match_in_process_and_resume(shapes_builder):
     for w, g in zip(want, got, strict=True):
         for k in w:
             np.testing.assert_array_equal(w[k], g[k])
+
+
+def _coco_folder(tmp_path, n_images, n_corrupt):
+    """A coco_folder of n_images PNGs with one box each, the first n_corrupt not images."""
+    from m2det_jax.data.builders import open_builder
+    from m2det_jax.data.shapes import encode_png
+
+    (tmp_path / "images").mkdir()
+    images, anns = [], []
+    for i in range(1, n_images + 1):
+        raw = b"not an image" if i <= n_corrupt else encode_png(np.zeros((32, 32, 3), np.uint8))
+        (tmp_path / "images" / f"{i}.png").write_bytes(raw)
+        images.append({"id": i, "file_name": f"{i}.png", "width": 32, "height": 32})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 10, 10],
+                     "iscrowd": 0, "area": 100})  # fmt: skip
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns,
+                               "categories": [{"id": 1, "name": "a"}]}))  # fmt: skip
+    cfg = small_data_config(dataset="coco_folder", data_dir=str(tmp_path / "tfds"),
+                            image_dir=str(tmp_path / "images"), annotation_file=str(ann))  # fmt: skip
+    return cfg, open_builder(cfg)
+
+
+def test_all_corrupt_training_set_is_an_error_not_a_spin(tmp_path):
+    cfg, builder = _coco_folder(tmp_path, 8, 8)
+    it = pipeline.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)
+    with pytest.raises(iterator.BadDataError, match=r"64 of the 64 examples.*data.max_bad_fraction=0.5"):
+        next(it)
+
+
+def test_a_few_corrupt_images_are_skipped_and_counted(tmp_path):
+    cfg, builder = _coco_folder(tmp_path, 8, 1)
+    it = pipeline.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)
+    for _ in range(20):  # 80 good examples, 10+ epochs
+        assert next(it)["mask"].all()
+    c = it.stats.counts
+    assert c["bad_images"] > 0 and c["bad_images"] <= c["examples"] / 7

@@ -230,6 +230,10 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
     r = train_and_evaluate(cfg5, str(tmp_path / "run5"), progress=False)
     m = r["eval_metrics"]
     assert 0.0 <= m["mAP"] <= 1.0 and set(m) >= {f"AP/{c}" for c in five}
+    rows = [json.loads(line) for line in (tmp_path / "run5" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows and all(r["data_examples"] >= 4 * r["step"] for r in train_rows)
+    assert train_rows[-1]["data_difficult_boxes"] > 0  # the pipeline's counts, logged
     saved = json.loads((tmp_path / "run5" / "eval_metrics.json").read_text())
     assert saved["mAP"] == pytest.approx(m["mAP"])
     # The dataset's class names travel with the training checkpoints.

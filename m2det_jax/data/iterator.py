@@ -55,6 +55,13 @@ class DataStats:
         return "DataStats(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
 
 
+CHECK_AFTER = 64  # examples read before the bad-image fraction is judged
+
+
+class BadDataError(ValueError):
+    """Too many examples of the dataset cannot be used (see data.max_bad_fraction)."""
+
+
 class DetectionIterator(Iterator[dict[str, np.ndarray]]):
     """Batches examples from a grain DataLoader; checkpointable; counts bad data.
 
@@ -74,8 +81,10 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
         image_shape: tuple[int, int, int],
         max_boxes: int,
         num_batches: int | None,
+        max_bad_fraction: float = 1.0,
     ):
         self._loader = loader
+        self._max_bad = float(max_bad_fraction)
         self._it = iter(loader)
         self.batch_size = batch_size
         self._image_shape = tuple(image_shape)
@@ -99,7 +108,17 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
             self.stats.add(dict(zip(records.STAT_KEYS, ex["stats"].tolist(), strict=True)))
             if bool(ex["ok"]):
                 return ex
+            self._check_bad()
         return None
+
+    def _check_bad(self) -> None:
+        """BadDataError once more than max_bad_fraction of >= CHECK_AFTER examples read
+        could not be decoded (an all-corrupt training set would otherwise spin forever)."""
+        n, bad = self.stats.counts["examples"], self.stats.counts["bad_images"]
+        if n >= CHECK_AFTER and bad > self._max_bad * n:
+            raise BadDataError(
+                f"data: {bad} of the {n} examples read do not decode (bad_images), more than "
+                f"data.max_bad_fraction={self._max_bad}: check the dataset's image files")
 
     def _padding(self) -> dict:
         g = self._max_boxes

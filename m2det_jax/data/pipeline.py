@@ -73,7 +73,7 @@ def _per_host(global_batch: int, shard: grain.ShardOptions, what: str) -> int:
     return global_batch // shard.shard_count
 
 
-def _iterator(source, sampler, transform, workers, batch_size, num_batches):
+def _iterator(source, sampler, transform, workers, batch_size, num_batches, max_bad=1.0):
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -87,6 +87,7 @@ def _iterator(source, sampler, transform, workers, batch_size, num_batches):
         image_shape=transform.image_shape,
         max_boxes=transform.p.max_boxes,
         num_batches=num_batches,
+        max_bad_fraction=max_bad,
     )
 
 
@@ -125,7 +126,8 @@ def make_train_iterator(
     )
     p = ExampleParams.from_config(cfg)
     transform = CanvasExample(p) if p.canvas else TrainExample(p)
-    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, None)
+    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, None,
+                     float(cfg.data.get("max_bad_fraction", 0.5)))  # fmt: skip
 
 
 def make_eval_iterator(
@@ -159,4 +161,5 @@ def make_eval_iterator(
     )
     transform = EvalExample(ExampleParams.from_config(cfg))
     num_batches = max(1, math.ceil(math.ceil(len(source) / shard.shard_count) / b))
-    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, num_batches)
+    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, num_batches,
+                     float(cfg.data.get("max_bad_fraction", 0.5)))  # fmt: skip
