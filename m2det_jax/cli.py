@@ -60,9 +60,9 @@ def _load(args, overrides):
         raise SystemExit(f"error: {e}") from None
 
 
-def _load_checkpoint(path: str, cfg, args):
+def _load_checkpoint(path: str, cfg, allow_config_mismatch: bool = False):
     try:
-        return load_variables(path, cfg, allow_config_mismatch=args.allow_config_mismatch)
+        return load_variables(path, cfg, allow_config_mismatch=allow_config_mismatch)
     except (ConfigMismatchError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -118,7 +118,7 @@ def cmd_train(args, cfg) -> int:
 
 def cmd_eval(args, cfg) -> int:
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    variables = _load_checkpoint(args.checkpoint, cfg, args)
+    variables = _load_checkpoint(args.checkpoint, cfg, args.allow_config_mismatch)
     as_path(args.workdir).mkdir(parents=True, exist_ok=True)
     try:
         m = evaluate_variables(cfg, variables, workdir=args.workdir)
@@ -144,7 +144,7 @@ def cmd_summary(args, cfg) -> int:
 
 
 def cmd_detect(args, cfg) -> int:
-    variables = _load_checkpoint(args.checkpoint, cfg, args)
+    variables = _load_checkpoint(args.checkpoint, cfg, args.allow_config_mismatch)
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     names = names or (read_labels(args.checkpoint) or {}).get("class_names")
     try:
@@ -160,7 +160,7 @@ def cmd_detect(args, cfg) -> int:
 
 
 def cmd_export(args, cfg) -> int:
-    variables = _load_checkpoint(args.checkpoint, cfg, args)
+    variables = _load_checkpoint(args.checkpoint, cfg, args.allow_config_mismatch)
     info = export(cfg, variables, args.output, bf16=args.bf16, batch=args.batch,
                   serving=args.serving, labels=read_labels(args.checkpoint))  # fmt: skip
     for k, v in info.items():
@@ -177,7 +177,9 @@ def cmd_benchmark(args, cfg) -> int:
             row = time_train_step(cfg, batch, args.iters, peak_tflops=args.peak_tflops)
         print(format_cost_table([row]))
         return 0
-    variables = _load_checkpoint(args.checkpoint, cfg, args) if args.checkpoint else None
+    variables = None
+    if args.checkpoint:
+        variables = _load_checkpoint(args.checkpoint, cfg, args.allow_config_mismatch)
     result = run_benchmark(cfg, variables, batch=args.batch or 8, iters=args.iters)
     print(format_table(result))
     return 0

@@ -144,17 +144,20 @@ def decode_record(
     label = np.asarray(objects.get("label", np.zeros((0,))), np.int64).reshape(-1)
     n = min(len(bbox), len(label))
     bbox, label = bbox[:n], label[:n]
-    if "is_crowd" in objects and n:
-        crowd = np.asarray(objects["is_crowd"]).reshape(-1)[:n].astype(bool)
-        if not include_crowd:
-            stats["crowd_boxes"] += int(crowd.sum())
-            bbox, label = bbox[~crowd], label[~crowd]
-    if "is_difficult" in objects and len(bbox) and not keep_difficult:
-        hard = np.asarray(objects["is_difficult"]).reshape(-1)[:n].astype(bool)
-        if "is_crowd" in objects and not include_crowd:
-            hard = hard[~crowd]
-        stats["difficult_boxes"] += int(hard.sum())
-        bbox, label = bbox[~hard], label[~hard]
+
+    def flag(key: str) -> np.ndarray:  # a per-object bool field, False where absent
+        out = np.zeros(n, bool)
+        if key in objects:
+            v = np.asarray(objects[key]).reshape(-1)[:n].astype(bool)
+            out[: len(v)] = v
+        return out
+
+    crowd = flag("is_crowd") & (not include_crowd)
+    hard = flag("is_difficult") & (not keep_difficult) & ~crowd  # counted once
+    stats["crowd_boxes"] += int(crowd.sum())
+    stats["difficult_boxes"] += int(hard.sum())
+    keep = ~(crowd | hard)
+    bbox, label = bbox[keep], label[keep]
     boxes, label = clean_boxes(bbox, label, stats)
     example = {
         "image": image,
