@@ -27,7 +27,7 @@ from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.priors import prior_boxes
 from m2det_jax.runtime import cpu_model
-from m2det_jax.train import TrainState, make_train_step
+from m2det_jax.train_step import TrainState, make_train_step
 
 
 def main() -> None:

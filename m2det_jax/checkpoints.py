@@ -7,21 +7,25 @@ config, the priors count and where the weights came from). Loading checks the st
 model config against the requested one and names every field that differs.
 
 Training (`TrainCheckpoints`): `<workdir>/checkpoints`, one step per save with three
-items: `state` (the train state), `data` (every process's input-iterator position, JSON)
-and `meta` (model signature, steps per epoch). Saves are asynchronous.
+items: `state` (the train state), `data` (the input iterator's position in the global
+batch sequence, the same for every process, and the data counts summed over processes;
+JSON) and `meta` (model signature, steps per epoch, config fingerprint, class names).
+Saves are asynchronous; a step directory appears under its number only once complete, so
+a process killed mid-save leaves an unfinished temporary directory, which resuming
+ignores with a warning, as it does a step that no longer restores (a truncated file).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from m2det_jax import sharding as shd
 from m2det_jax.models import abstract_variables
 from m2det_jax.paths import as_path
 
@@ -251,11 +255,10 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def restore(self, step: int, target, cfg) -> tuple[Any, dict[str, Any]]:
-        """(state restored into `target`'s shapes, dtypes and shardings, {process index:
-        iterator state}) of `step`, after checking the model config and every field that
-        changes the run's outputs or losses (`train.allow_config_mismatch` skips the
-        latter)."""
+    def restore(self, step: int, target, cfg) -> tuple[Any, Any]:
+        """(state restored into `target`'s shapes, dtypes and shardings, iterator state) of
+        `step`, after checking the model config and every field that changes the run's
+        outputs or losses (`train.allow_config_mismatch` skips the latter)."""
         meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         check_signature(meta["meta"]["model"], cfg, self.directory)
         check_fingerprint(meta["meta"].get("fingerprint"), cfg, self.directory,
@@ -265,13 +268,28 @@ class TrainCheckpoints:
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))  # fmt: skip
         return restored["state"], restored["data"]
 
+    def restore_latest(self, target, cfg) -> tuple[int, Any, Any] | None:
+        """(step, state, iterator state) of the newest checkpoint that restores, or None.
+        Unfinished saves and steps that fail to restore (not a config mismatch) are
+        skipped with a warning naming them."""
+        for name in sorted(p.name for p in self.directory.iterdir()
+                           if ".orbax-checkpoint-tmp" in p.name):  # fmt: skip
+            _warn(f"ignoring {self.directory / name}: a save that never finished")
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, target, cfg))
+            except ConfigMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any damage: fall back to the previous one
+                _warn(f"checkpoint {self.directory / str(step)} does not restore "
+                      f"({type(e).__name__}: {str(e)[:200]}); trying the one before")  # fmt: skip
+        return None
+
     def save(self, step: int, state, data_state, meta: dict[str, Any]) -> None:
-        """Starts an async save of `state` and of every process's `data_state` (a
-        collective: every process calls it at the same step)."""
-        states = shd.allgather_json(data_state)
+        """Starts an async save of `state` and the iterator state `data_state` (JSON; the
+        same on every process). A collective: every process calls it at the same step."""
         self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({str(i): v for i, v in enumerate(states)}),
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)  # fmt: skip
 
     def wait(self) -> None:
@@ -280,3 +298,8 @@ class TrainCheckpoints:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)

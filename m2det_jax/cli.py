@@ -21,7 +21,7 @@ from m2det_jax.checkpoints import (
     read_labels,
     save_variables,
 )
-from m2det_jax.config import load_config, shipped_configs
+from m2det_jax.config import load_config, run_config_file, shipped_configs
 from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
 from m2det_jax.costs import format_cost_table, time_train_step, train_step_cost
 from m2det_jax.evaluate import evaluate_variables
@@ -53,9 +53,21 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _config_path(args) -> str:
+    """--config, else the config.json next to --checkpoint (a training workdir or an
+    `m2det export` folder: the config it was trained with), else the command's default."""
+    if args.config:
+        return args.config
+    run = run_config_file(args.checkpoint) if getattr(args, "checkpoint", None) else None
+    if run:
+        print(f"config: {run} (the checkpoint's; --config to choose another)", file=sys.stderr)
+        return run
+    return args.config_default
+
+
 def _load(args, overrides):
     try:
-        return load_config(args.config, overrides)
+        return load_config(_config_path(args), overrides)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -200,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, help_, fn, config_default="configs/m2det320_vgg.py"):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--config", default=config_default, help="config file (.py)")
+        sp.add_argument("--config", default=None,
+                        help=f"config file (.py), shipped name or a run's config.json (default: "
+                             f"the checkpoint's config.json if it has one, else "
+                             f"{config_default})")  # fmt: skip
         sp.add_argument("--workdir", default="workdir", help="output directory")
         sp.add_argument("--xla_cpu_conv_flags", action="store_true",
                         help="XLA:CPU with YNNPACK fusions off (runtime.CPU_CONV_FLAGS): "
@@ -209,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow_config_mismatch", action="store_true",
                         help="load a checkpoint written with another input size, anchors "
                              "or preprocessing (refused by default: outputs differ)")  # fmt: skip
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=fn, config_default=config_default)
         return sp
 
     sp = add("convert", "official PyTorch checkpoint / ImageNet backbone -> orbax", cmd_convert)

@@ -34,7 +34,7 @@ from m2det_jax.throughput import (  # noqa: F401 - PEAK_TFLOPS etc. re-exported
     model_peak_tflops,
     peak_tflops,
 )
-from m2det_jax.train import TrainState, make_train_step
+from m2det_jax.train_step import TrainState, make_train_step
 
 # --------------------------------------------------------------------------------------
 # Abstract inputs

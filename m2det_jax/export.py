@@ -16,6 +16,8 @@
     XlaCallModule cannot refine the symbolic batch through the decomposition of jax's
     `top_k`, which the NMS uses. Reload with `load_saved_model`.
   - `out/serving.json`: what the served function takes and returns.
+* `out/config.json`: the config, which `m2det eval/detect/export` use when given `out` as
+  `--checkpoint` without `--config`.
 
 The served function: `fn(images, image_sizes)` with `images` uint8 RGB [B, S, S, 3] already
 resized to the config's input size S (cv2 INTER_LINEAR, see `predict.prepare_images`) and
@@ -225,6 +227,8 @@ def export(
     source = "m2det export" + (" (bf16)" if bf16 else "")
     written = {"variables": save_variables(os.fspath(out / "variables"), inf, cfg, source,
                                            labels=labels)}  # fmt: skip
+    (out / "config.json").write_text(cfg.to_json_best_effort(indent=2))  # eval/detect read it
+    written["config"] = os.fspath(out / "config.json")
     if serving == "auto":
         serving = "savedmodel" if savedmodel_available() else "jax"
     meta = {

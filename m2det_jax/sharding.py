@@ -8,6 +8,7 @@ the global batch. Per-host numpy batches become global arrays in `global_batch`;
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -161,14 +162,25 @@ def initialize_distributed(coordinator_address: str | None = None,
         jax.distributed.initialize(initialization_timeout=timeout_s)
 
 
-def allgather_json(value) -> list:
-    """Every process's JSON-serialisable `value`, in process order (a collective: every
-    process must call it). Bytes are gathered at the longest process's length."""
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """{key: sum over processes} of every process's integer counts with the same keys (a
+    collective: every process calls it; int32 sums)."""
     if jax.process_count() == 1:
-        return [value]
-    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[: raw.size] = raw
-    gathered = np.asarray(multihost_utils.process_allgather(buf))
-    return [json.loads(bytes(g[:n]).decode()) for g, n in zip(gathered, sizes, strict=True)]
+        return dict(counts)
+    keys = sorted(counts)
+    local = np.asarray([int(counts[k]) for k in keys], np.int32)
+    total = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)).sum(0)
+    return {k: int(v) for k, v in zip(keys, total, strict=True)}
+
+
+def check_same_on_processes(value, what: str) -> None:
+    """Raises RuntimeError unless the JSON of `value` is the same on every process (a
+    collective: a digest of it is all-gathered)."""
+    if jax.process_count() == 1:
+        return
+    text = json.dumps(value, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    if not (gathered == gathered[:1]).all():
+        raise RuntimeError(f"{what} differs between processes (process "
+                           f"{jax.process_index()}: {text[:200]})")  # fmt: skip

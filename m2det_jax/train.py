@@ -13,18 +13,15 @@ checkpoint holds the train state and the input iterator's position.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from tqdm import tqdm
 
-from m2det_jax import accumulate, data, throughput
+from m2det_jax import data, throughput
 from m2det_jax import sharding as shd
 from m2det_jax.checkpoints import (
     TrainCheckpoints,
@@ -32,118 +29,31 @@ from m2det_jax.checkpoints import (
     load_init_variables,
     model_signature,
 )
-from m2det_jax.convert import merge_variables
-from m2det_jax.data import augment, device_augment
 from m2det_jax.evaluate import evaluate_variables
-from m2det_jax.losses import multibox_loss
 from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.paths import as_path
-from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
 from m2det_jax.profiling import StepProfiler
 from m2det_jax.runlog import MetricsLog, Preemption, write_run_info
+from m2det_jax.train_step import TrainState, make_train_step, total_steps
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss or the gradients became NaN or inf; nothing after the last good checkpoint
+    was saved."""
 
 
-# --------------------------------------------------------------------------------------
-# Pieces (pure, testable on their own)
-
-
-@struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; saved whole in every checkpoint."""
-
-    step: jax.Array  # int32 scalar: steps done
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
-    @classmethod
-    def create(cls, model, tx, cfg, rng, init_variables=None) -> TrainState:
-        """Fresh state; `init_variables` (e.g. a converted checkpoint) replace the init."""
-        s = cfg.model.input_size
-        variables = model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32), train=False)
-        if init_variables is not None:
-            variables = merge_variables(variables, init_variables)
-        params = variables["params"]
-        return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   batch_stats=variables.get("batch_stats", {}),
-                   opt_state=tx.init(params))  # fmt: skip
-
-    @property
-    def variables(self) -> dict[str, Any]:
-        return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
-    """(network input, boxes, labels, valid) of a uint8 batch, on the device: with
-    `data.augment_on_device` the augmentation (`data.device_augment`, a key per step) and
-    then, always, `preprocess` (channel order, means, scale)."""
-    valid = batch["valid"] & batch["mask"][:, None]
-    image, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
-    if cfg.data.get("augment_on_device", False):
-        pp = cfg.preprocess
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1 << 20)  # not init's key
-        out = device_augment.augment_batch(
-            jax.random.fold_in(key, step), image, batch["canvas_sizes"], boxes, labels, valid,
-            size=int(cfg.model.input_size), expand_prob=float(cfg.data.expand_prob),
-            fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means))  # fmt: skip
-        image, boxes, labels, valid = out["image"], out["boxes"], out["labels"], out["valid"]
-    return preprocess(image, cfg), boxes, labels, valid
-
-
-def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
-    """(state, batch) -> (state, metrics). BatchNorm statistics and the loss normaliser
-    come from the global batch under `jit` (the batch axis is sharded, not split).
-    The batch carries uint8 images (`device_inputs` makes the network input).
-    `schedule` is the optimizer's learning-rate schedule (logged as `lr`).
-    `train.grad_accum_steps` k > 1: k microbatches (rows j, j+k, ...) in a scan, the
-    normaliser still the whole batch's positives, BN statistics per microbatch and
-    running statistics averaged (`m2det_jax.accumulate`); k = 1 is the plain step."""
-    priors = jnp.asarray(priors)
-    k = int(cfg.train.get("grad_accum_steps", 1))
-    accumulate.check_batch(cfg.train.batch_size // jax.process_count(), k)
-
-    def step_fn(state: TrainState, batch: dict[str, jax.Array]):
-        images, boxes, labels, valid = device_inputs(cfg, batch, state.step)
-
-        def loss_fn(params):
-            out, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                images, train=True, mutable=["batch_stats"],
-            )  # fmt: skip
-            loc_l, conf_l = multibox_loss(
-                out["loc"], out["logits"], priors, boxes, labels, valid, cfg
-            )
-            return loc_l + conf_l, (loc_l, conf_l, updates["batch_stats"])
-
-        if k == 1:
-            value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        else:
-            sums_fn = accumulate.multibox_sums_fn(model, cfg, priors, state.batch_stats)
-            value_and_grad = accumulate.accumulated_value_and_grad(
-                sums_fn, state.params, (images, boxes, labels, valid), k)  # fmt: skip
-        (loss, (loc_l, conf_l, new_bs)), grads = value_and_grad
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
-        metrics = {
-            "loss": loss, "loc_loss": loc_l, "conf_loss": conf_l, "lr": schedule(state.step),
-            "grad_norm": jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))),
-        }  # fmt: skip
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
-                                  opt_state=opt_state)  # fmt: skip
-        return new_state, metrics
-
-    return step_fn
-
-
-def total_steps(cfg, steps_per_epoch: int) -> int:
-    t = cfg.train
-    return t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
+def _stop_if_nonfinite(bad_step: int, ckpts: TrainCheckpoints) -> None:
+    """Raises NonFiniteLossError when the device's guard saw a non-finite step (>= 1)."""
+    if bad_step < 0:
+        return
+    ckpts.wait()
+    good = ckpts.latest_step()
+    raise NonFiniteLossError(
+        f"the loss or its gradients were NaN/inf at step {bad_step}; stopped before saving "
+        "anything after it (train.skip_nonfinite_steps=True skips such steps). Last good "
+        f"checkpoint: {'none' if good is None else f'step {good} in {ckpts.directory}'}")
 
 
 def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
@@ -161,11 +71,34 @@ def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
 
 
 def data_counts(data_iter) -> dict[str, float]:
-    """The input pipeline's `DataStats` so far (this host's) as `data_<key>` columns of
-    metrics.jsonl / TensorBoard; empty for iterators without stats."""
+    """The input pipeline's `DataStats` of the whole run, summed over processes, as
+    `data_<key>` columns of metrics.jsonl / TensorBoard; empty for iterators without stats.
+    A collective: every process calls it at the same step."""
     stats = getattr(data_iter, "stats", None)
-    counts = stats.as_dict() if hasattr(stats, "as_dict") else {}
+    counts = shd.sum_over_processes(stats.as_dict()) if hasattr(stats, "as_dict") else {}
     return {f"data_{k}": float(v) for k, v in counts.items()}
+
+
+def global_data_state(state):
+    """The train iterator's state as a checkpoint holds it: checked to be the same on every
+    process (its position in the global batch sequence), `stats` summed over them. A
+    collective."""
+    if isinstance(state, bytes):
+        state = state.decode()
+    if not (isinstance(state, dict) and "stats" in state):
+        shd.check_same_on_processes(state, "the input iterator's state")
+        return state
+    position = {k: v for k, v in state.items() if k != "stats"}
+    shd.check_same_on_processes(position, "the input iterator's position")
+    return {**position, "stats": shd.sum_over_processes(state["stats"])}
+
+
+def local_data_state(state):
+    """A checkpoint's iterator state for this process: the run's data counts go to
+    process 0 only, so that summing over processes counts them once, on any topology."""
+    if isinstance(state, dict) and "stats" in state and jax.process_index() != 0:
+        return {**state, "stats": {}}
+    return state
 
 
 def missing_eval_split(cfg) -> str | None:
@@ -197,6 +130,11 @@ def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -
 # step's FLOPs, mfu when the device's peak is known (or train.peak_tflops is set).
 LOGGED = ("loss", "loc_loss", "conf_loss", "lr", "grad_norm", "images_per_sec", "step_time")
 LOGGED_IF_KNOWN = ("device_tflops", "mfu")
+
+
+def skip_col(m: dict[str, float]) -> dict[str, float]:
+    """The skipped_steps column, once a step was skipped (train.skip_nonfinite_steps)."""
+    return {"skipped_steps": m["skipped_steps"]} if m.get("skipped_steps", 0) > 0 else {}
 
 
 # --------------------------------------------------------------------------------------
@@ -267,15 +205,13 @@ def train_and_evaluate(
 
         # Restore or init.
         ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.train.keep_checkpoints)
-        latest = ckpts.latest_step()
-        if latest is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                state_sharding)  # fmt: skip
-            state, data_states = ckpts.restore(latest, target, cfg)
-            data_state = data_states.get(str(jax.process_index()))
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, state_sharding)  # fmt: skip
+        restored = ckpts.restore_latest(target, cfg)
+        if restored is not None:
+            latest, state, data_state = restored
             if data_state is not None and hasattr(data_iter, "set_state"):
-                data_iter.set_state(data_state)
+                data_iter.set_state(local_data_state(data_state))
             if is_main:
                 print(f"resumed from {ckpts.directory} at step {latest}", flush=True)
         else:
@@ -305,11 +241,10 @@ def train_and_evaluate(
         ahead = (0 if jax.default_backend() == "cpu" else 2) if ahead < 0 else ahead
         batches = shd.DevicePrefetch(data_iter, mesh, ahead)
 
-        def save(step: int) -> None:
+        def save(step: int) -> None:  # never a state past a non-finite step
+            _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
             data_state = batches.get_state() if hasattr(data_iter, "get_state") else None
-            if isinstance(data_state, bytes):
-                data_state = data_state.decode()
-            ckpts.save(step, state, data_state, meta)
+            ckpts.save(step, state, global_data_state(data_state), meta)
 
         # The loop.
         log = MetricsLog(workdir, is_main)
@@ -325,7 +260,7 @@ def train_and_evaluate(
         compiled, meter = None, None
         try:
             while step < n_steps:
-                if preemption.requested:
+                if preemption.reached(step):  # the same step on every process
                     preempted = True
                     break
                 batch = next(batches)
@@ -342,20 +277,13 @@ def train_and_evaluate(
                 is_ckpt = step % cfg.train.checkpoint_every == 0
                 if is_log or is_ckpt:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not math.isfinite(m["loss"]):
-                        ckpts.wait()
-                        good = ckpts.latest_step()
-                        raise NonFiniteLossError(
-                            f"loss is {m['loss']} at step {step} (loc {m['loc_loss']}, conf "
-                            f"{m['conf_loss']}, lr {m['lr']:.3g}); stopped. Last good checkpoint: "
-                            f"{'none' if good is None else f'step {good} in {ckpts.directory}'}"
-                        )
+                    _stop_if_nonfinite(int(m["nonfinite_step"]), ckpts)
                     m.update(meter.read())
                     last_metrics = m
                     data_stats = data_counts(data_iter)
                     if is_log:
                         log.write(step, {**{k: m[k] for k in LOGGED + LOGGED_IF_KNOWN if k in m},
-                                         **data_stats})  # fmt: skip
+                                         **skip_col(m), **data_stats})  # fmt: skip
                     if bar is not None:
                         post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2g}",
                                 "img_s": f"{m['images_per_sec']:.1f}"}  # fmt: skip
@@ -370,6 +298,7 @@ def train_and_evaluate(
                 if is_ckpt:
                     save(step)
                 if eval_every > 0 and step % eval_every == 0 and step < n_steps:
+                    _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
                     eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
                     meter.restart()  # the evaluation is not training throughput
         except BaseException:  # stop the reader thread and the async saves, then raise
@@ -380,9 +309,10 @@ def train_and_evaluate(
             raise
         if bar is not None:
             bar.close()
-        if is_main and data_counts(data_iter):
-            print("data (this host): " + ", ".join(
-                f"{k[5:]} {int(v)}" for k, v in data_counts(data_iter).items()), flush=True)
+        counts = data_counts(data_iter)  # a collective: on every process
+        if is_main and counts:
+            print("data: " + ", ".join(f"{k[5:]} {int(v)}" for k, v in counts.items()),
+                  flush=True)  # fmt: skip
         profiler.close(state)
         batches.close()
 

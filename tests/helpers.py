@@ -155,20 +155,27 @@ def run_worker(args, env, timeout=600):
     return p
 
 
-def run_worker_processes(args, nproc, env, timeout=600):
-    """`python -m tests.train_worker *args ADDR NPROC PID` as `nproc` jax.distributed
-    processes on localhost (a free port); asserts every one exits 0."""
+def start_worker_processes(args, nproc, env) -> list[subprocess.Popen]:
+    """Starts `python -m tests.train_worker *args ADDR NPROC PID` as `nproc` jax.distributed
+    processes on localhost (a free port); stdout and stderr piped."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         addr = f"127.0.0.1:{s.getsockname()[1]}"
-    procs = [
+    return [
         subprocess.Popen(worker_command(*args, addr, nproc, i), env=env, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         for i in range(nproc)
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=timeout)
+
+
+def run_worker_processes(args, nproc, env, timeout=600) -> list[str]:
+    """`start_worker_processes`, then waits; asserts every one exits 0; their stdouts."""
+    outs = []
+    for p in start_worker_processes(args, nproc, env):
+        out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
 
 
 # ------------------------------------------------------------------ VOC-format folders

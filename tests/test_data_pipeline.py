@@ -148,13 +148,15 @@ def test_all_corrupt_training_set_is_an_error_not_a_spin(tmp_path):
     cfg, builder = _coco_folder(tmp_path, 8, 8)
     it = pipeline.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)
     with pytest.raises(iterator.BadDataError, match=r"64 of the 64 examples.*data.max_bad_fraction=0.5"):
-        next(it)
+        for _ in range(17):  # bad slots stay in their batch (masked) until 64 were read
+            assert not next(it)["mask"].any()
 
 
 def test_a_few_corrupt_images_are_skipped_and_counted(tmp_path):
     cfg, builder = _coco_folder(tmp_path, 8, 1)
     it = pipeline.make_train_iterator(cfg, builder=builder, global_batch_size=4, shard_count=1)
-    for _ in range(20):  # 80 good examples, 10+ epochs
-        assert next(it)["mask"].all()
+    masked = sum(int((~next(it)["mask"]).sum()) for _ in range(20))  # 80 slots, 10 epochs
     c = it.stats.counts
-    assert c["bad_images"] > 0 and c["bad_images"] <= c["examples"] / 7
+    # An undecodable image keeps its slot, masked (the global batch order stays the same on
+    # any number of hosts): 1 of the 8 images, in each of the 10 epochs.
+    assert c["examples"] == 80 and c["bad_images"] == masked == 10

@@ -137,6 +137,10 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
     em2 = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert em2["AP"] == pytest.approx(em["AP"], abs=1e-6)
     assert em2["num_detections"] == em["num_detections"]
+    # Without --config (or overrides), `m2det eval` reads the workdir's config.json.
+    assert main(["eval", "--checkpoint", str(wd), "--workdir", str(tmp_path / "ev2")]) == 0
+    em3 = json.loads((tmp_path / "ev2" / "eval_metrics.json").read_text())
+    assert em3["AP"] == pytest.approx(em["AP"], abs=1e-6)
 
 
 def test_tta_eval_scores_every_image_once(shapes, tmp_path):

@@ -17,7 +17,8 @@ from m2det_jax.data import augment, pipeline, records
 from m2det_jax.data.coco_folder import build_coco_folder
 from m2det_jax.predict import prepare_images
 from m2det_jax.preprocess import normalize, preprocess
-from m2det_jax.train import device_inputs, train_and_evaluate
+from m2det_jax.train import train_and_evaluate
+from m2det_jax.train_step import device_inputs
 from tests.helpers import OVERRIDES, ROOT, config_path, small_data_config
 
 

@@ -1,5 +1,6 @@
-"""Training: LR schedule, sharded == single step (8 fake devices), two processes ==
-one process, kill-and-resume reproduces the losses, SIGTERM checkpoints, NaN guard."""
+"""Training: LR schedule, sharded == single step (8 fake devices), SIGTERM checkpoints
+(one process), a clear error on resuming with another config. Multi-host data order,
+kill -9, agreed preemption and the NaN guard on the real pipeline: test_reliability.py."""
 
 import json
 import os
@@ -17,7 +18,6 @@ from tests.helpers import (
     config_path,
     make_synthetic,
     run_worker,
-    run_worker_processes,
     worker_command,
     worker_env,
 )
@@ -68,39 +68,9 @@ def test_sharded_step_equals_single_device(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, cache_dir):
-    env = worker_env(cache_dir)
-    wd2 = tmp_path / "two"
-    run_worker_processes(["train", str(wd2), "3"], 2, env)
-    wd1 = tmp_path / "one"
-    run_worker(["train", str(wd1), "3"], env)
-    one, two = _losses(wd1), _losses(wd2)
-    assert sorted(one) == sorted(two) == [1, 2, 3]
-    for s in one:
-        # 2 processes reduce over their devices in another order than 1: float32
-        # rounding only (measured 2.5e-5 relative); a data-order bug moves it by percent.
-        np.testing.assert_allclose(two[s], one[s], rtol=1e-4)
-    # The two-process run checkpointed both iterator positions.
-    assert (wd2 / "checkpoints" / "3").is_dir()
-
-
-@pytest.mark.slow
-def test_kill_and_resume_reproduces_losses(tmp_path, cache_dir):
-    env = worker_env(cache_dir)
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_worker(["train", str(full), "4"], env)
-    run_worker(["train", str(part), "2"], env)  # "killed" after the step-2 checkpoint
-    p = run_worker(["train", str(part), "4"], env)
-    assert "DONE 4" in p.stdout
-    a, b = _losses(full), _losses(part)
-    for s in (3, 4):
-        assert a[s] == b[s], (s, a[s], b[s])
-
-
-@pytest.mark.slow
 def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
     wd = tmp_path / "sig"
-    p = subprocess.Popen(worker_command("train", wd, 1000, "--slow"),
+    p = subprocess.Popen(worker_command("train", wd, 1000, "--slow", 0.5),
                          env=worker_env(cache_dir), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 400
@@ -122,19 +92,6 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
     restored = load_variables(wd, load_config(config_path("tiny")))
     assert set(restored) == {"params", "batch_stats"}
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
-
-
-@pytest.mark.slow
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
-    wd = tmp_path / "nan"
-    p = subprocess.run(worker_command("train", wd, 6, "--nan-at", 3),
-                       env=worker_env(cache_dir), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
-    assert p.returncode != 0
-    assert "NonFiniteLossError" in p.stderr and "step 3" in p.stderr
-    assert "Last good checkpoint: step 2" in p.stderr
-    steps = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
-    assert steps == [2]
 
 
 def _has_rows(wd):

@@ -11,7 +11,8 @@ from m2det_jax import load_config
 from m2det_jax.models import build_model
 from m2det_jax.optim import learning_rate_schedule, make_optimizer
 from m2det_jax.priors import prior_boxes
-from m2det_jax.train import TrainState, make_train_step, train_and_evaluate
+from m2det_jax.train import train_and_evaluate
+from m2det_jax.train_step import TrainState, make_train_step
 from tests.helpers import OVERRIDES, SyntheticIterator, config_path, make_synthetic
 
 

@@ -2,7 +2,9 @@
 
 Run from the repository root (`tests.helpers.worker_command`):
   python -m tests.train_worker mesh OUT.json           # 8 fake devices: sharded == single
-  python -m tests.train_worker train WORKDIR STEPS [ADDR NPROC PID] [--nan-at K] [--slow]
+  python -m tests.train_worker train WORKDIR STEPS [ADDR NPROC PID] [--nan-at K]
+      [--slow SECONDS] [--data SHAPES_DATA_DIR] [--set key=value ...] [--devices N] [--eval]
+      # --data: the real grain pipeline on the shapes set (else a synthetic iterator)
   python -m tests.train_worker eval DATA_DIR OUT.json [ADDR NPROC PID]   # plain + TTA eval
 
 JAX settings (fake device count, jax.distributed) come first, so the modules that use JAX
@@ -38,7 +40,7 @@ def mesh_check(out_path):
     from m2det_jax.models import build_model
     from m2det_jax.optim import learning_rate_schedule, make_optimizer
     from m2det_jax.priors import prior_boxes
-    from m2det_jax.train import TrainState, make_train_step
+    from m2det_jax.train_step import TrainState, make_train_step
     from tests.helpers import SyntheticIterator
 
     assert len(jax.devices()) == 8
@@ -76,35 +78,73 @@ def mesh_check(out_path):
         json.dump(diff, f)
 
 
-def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=False):
-    if addr:
-        import jax
+class _Faulty:
+    """Wraps a train iterator: NaN boxes in global batch `nan_at` (1-based), a pause after
+    every batch with `slow`; state and stats are the wrapped iterator's."""
 
+    def __init__(self, inner, nan_at=None, slow=False):
+        self.inner, self.nan_at, self.slow = inner, nan_at, slow
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import time
+
+        import numpy as np
+
+        b = self.inner.__next__()
+        pos = getattr(self.inner, "position", None)
+        self.count = pos // self.inner.global_batch if pos is not None else self.inner.index
+        if self.nan_at is not None and self.count == self.nan_at:
+            # Pixels are uint8 (no NaN): NaN boxes make the matched targets, so the loss, NaN.
+            b["boxes"] = np.full(b["boxes"].shape, np.nan, np.float32)
+        if self.slow:
+            time.sleep(self.slow)
+        return b
+
+    @property
+    def stats(self):
+        return getattr(self.inner, "stats", None)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def real_overrides(data_dir):
+    """The tiny model on the shapes set the `shapes` test fixture prepares in data_dir."""
+    return ["data.dataset=shapes", f"data.data_dir={data_dir}", "data.shapes_num_train=16",
+            "data.shapes_num_validation=8", "model.num_classes=5", "data.num_workers=0"]
+
+
+def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=0.0,
+          data_dir=None, sets=(), devices=None, evaluate=False):  # fmt: skip
+    import jax
+
+    if devices:  # CPU devices of this process (a 2-device process computes what 2
+        jax.config.update("jax_num_cpu_devices", int(devices))  # 1-device processes do)
+    if addr:
         jax.distributed.initialize(addr, int(nproc), int(pid), initialization_timeout=60)
     _enable_cache()
-    import time
-
-    import numpy as np
-
     import m2det_jax
-    from m2det_jax.train import train_and_evaluate
+    from m2det_jax.train import tfds_train_data, train_and_evaluate
     from tests.helpers import SyntheticIterator
 
-    class Iter(SyntheticIterator):
-        def __next__(self):
-            b = super().__next__()
-            if nan_at is not None and self.index == nan_at:
-                # Pixels are uint8 (no NaN): NaN boxes make the matched targets, so the loss, NaN.
-                b["boxes"] = np.full(b["boxes"].shape, np.nan, np.float32)
-            if slow:
-                time.sleep(0.5)
-            return b
-
-    cfg = m2det_jax.load_config(CONFIG, [
-        f"train.num_steps={steps}", "train.log_every=1", "train.checkpoint_every=2",
-        "train.eval_every=-1"])  # fmt: skip
-    r = train_and_evaluate(cfg, workdir, train_iterator_fn=Iter, num_train_examples=64,
-                           evaluate_fn=lambda c, v, s: {}, progress=False)  # fmt: skip
+    overrides = [f"train.num_steps={steps}", "train.log_every=1", "train.checkpoint_every=2",
+                 "train.eval_every=-1"] + (real_overrides(data_dir) if data_dir else [])
+    cfg = m2det_jax.load_config(CONFIG, overrides + list(sets))
+    if data_dir:  # the real grain pipeline of the shapes set
+        make, n = tfds_train_data(cfg)
+    else:
+        make, n = SyntheticIterator, 64
+    r = train_and_evaluate(cfg, workdir, train_iterator_fn=lambda *a: _Faulty(make(*a), nan_at, slow),
+                           num_train_examples=n,
+                           evaluate_fn=None if evaluate else (lambda c, v, s: {}),
+                           progress=False)  # fmt: skip
     print("DONE", r["step"], r["preempted"], flush=True)
 
 
@@ -151,18 +191,30 @@ def evaluate(data_dir, out_path, addr=None, nproc=None, pid=None):
             json.dump(out, f, default=float)
 
 
+def _take(args, flag, default=None, many=False):
+    """Removes `flag VALUE` (every one with many) from args; its value(s)."""
+    values = []
+    while flag in args:
+        i = args.index(flag)
+        values.append(args[i + 1])
+        del args[i : i + 2]
+    return values if many else (values[-1] if values else default)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    nan_at = None
-    if "--nan-at" in args:
-        i = args.index("--nan-at")
-        nan_at = int(args[i + 1])
-        del args[i : i + 2]
-    slow = "--slow" in args
-    args = [a for a in args if a != "--slow"]
+    nan_at = _take(args, "--nan-at")
+    slow = float(_take(args, "--slow", 0.0))
+    data_dir = _take(args, "--data")
+    sets = _take(args, "--set", many=True)
+    devices = _take(args, "--devices")
+    with_eval = "--eval" in args  # the real COCO evaluation at train.eval_every steps
+    args = [a for a in args if a != "--eval"]
     if args[0] == "mesh":
         mesh_check(args[1])
     elif args[0] == "eval":
         evaluate(*args[1:6])
     else:
-        train(args[1], int(args[2]), *args[3:6], nan_at=nan_at, slow=slow)
+        train(args[1], int(args[2]), *args[3:6], nan_at=None if nan_at is None else int(nan_at),
+              slow=slow, data_dir=data_dir, sets=sets, devices=devices,
+              evaluate=with_eval)

@@ -15,13 +15,21 @@ and `canvas_sizes` int32 [b, 2] the (height, width) the image covers on it.
 
 The iterator is checkpointable (`get_state` / `set_state`, JSON-able) and keeps the
 running `DataStats` of everything it consumed, as part of that state.
+
+Training uses `GlobalOrderIterator`: global batch k is examples k*B .. k*B+B-1 of one
+seeded, endlessly reshuffled stream, and each of H hosts reads its B/H slice of it, so the
+batches depend on (seed, k) only, never on how many hosts read them. Its state is the
+stream position (examples consumed), the same on every host; an undecodable image keeps
+its slot as an empty, masked example (no boxes, no loss) instead of pulling the next
+example forward, which would shift the other hosts' slices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain.python as grain
@@ -31,7 +39,7 @@ from m2det_jax.data import records
 
 # Per-example keys stacked into a batch (`mask` is added by the iterator).
 BATCH_KEYS = ("image", "boxes", "labels", "valid", "image_id", "image_sizes")
-EXTRA_KEYS = ("canvas_sizes",)  # stacked too when the examples have them
+CANVAS_KEYS = ("canvas_sizes",)  # stacked too for canvas examples (augment_on_device)
 
 
 @dataclasses.dataclass
@@ -55,6 +63,7 @@ class DataStats:
         return "DataStats(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
 
 
+_BAD = object()  # an undecodable example, where its slot is kept (fill_bad)
 CHECK_AFTER = 64  # examples read before the bad-image fraction is judged
 
 
@@ -82,10 +91,14 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
         max_boxes: int,
         num_batches: int | None,
         max_bad_fraction: float = 1.0,
+        fill_bad: bool = False,
+        canvas: bool = False,
     ):
         self._loader = loader
         self._max_bad = float(max_bad_fraction)
-        self._it = iter(loader)
+        self._fill_bad = fill_bad
+        self._keys = BATCH_KEYS + (CANVAS_KEYS if canvas else ())
+        self._it = None  # iter(loader) on first use: worker processes start then
         self.batch_size = batch_size
         self._image_shape = tuple(image_shape)
         self._max_boxes = max_boxes
@@ -97,11 +110,17 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
     def __iter__(self):
         return self
 
+    def _iterator(self):
+        if self._it is None:
+            self._it = iter(self._loader)
+        return self._it
+
     def _next_example(self) -> dict | None:
-        """Next good example, or None when the (finite) stream ends."""
+        """Next good example (with fill_bad, `_BAD` for an undecodable one), or None when
+        the (finite) stream ends."""
         while not self._exhausted:
             try:
-                ex = next(self._it)
+                ex = next(self._iterator())
             except StopIteration:
                 self._exhausted = True
                 return None
@@ -109,6 +128,8 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
             if bool(ex["ok"]):
                 return ex
             self._check_bad()
+            if self._fill_bad:
+                return _BAD
         return None
 
     def _check_bad(self) -> None:
@@ -122,15 +143,16 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
 
     def _padding(self) -> dict:
         g = self._max_boxes
-        return {
+        pad = {
             "image": np.zeros(self._image_shape, np.uint8),
             "boxes": np.zeros((g, 4), np.float32),
             "labels": np.zeros((g,), np.int32),
             "valid": np.zeros((g,), bool),
             "image_id": np.int64(-1),
             "image_sizes": np.zeros((2,), np.int32),
-            "canvas_sizes": np.zeros((2,), np.int32),
+            "canvas_sizes": np.asarray(self._image_shape[:2], np.int32),  # a whole canvas
         }
+        return {k: pad[k] for k in self._keys}
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.num_batches is not None and self._emitted >= self.num_batches:
@@ -138,7 +160,10 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
         examples, mask = [], []
         for _ in range(self.batch_size):
             ex = self._next_example()
-            if ex is None:
+            if ex is _BAD:
+                mask.append(False)
+                examples.append(self._padding())
+            elif ex is None:
                 if self.num_batches is None:  # a finite stream without a batch count
                     if not examples:
                         raise StopIteration
@@ -148,8 +173,7 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
                 mask.append(True)
                 examples.append(ex)
         self._emitted += 1
-        keys = BATCH_KEYS + tuple(k for k in EXTRA_KEYS if k in examples[0])
-        batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+        batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in self._keys}
         batch["image_id"] = batch["image_id"].astype(np.int64)
         batch["image_sizes"] = batch["image_sizes"].astype(np.int32)
         batch["mask"] = np.asarray(mask, bool)
@@ -158,17 +182,81 @@ class DetectionIterator(Iterator[dict[str, np.ndarray]]):
     def get_state(self) -> dict[str, Any]:
         """JSON-serializable state; `set_state` on a fresh iterator resumes exactly."""
         return {
-            "grain": self._it.get_state().decode(),
+            "grain": self._iterator().get_state().decode(),
             "emitted": self._emitted,
             "exhausted": self._exhausted,
             "stats": self.stats.as_dict(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(state["grain"].encode())
+        self._iterator().set_state(state["grain"].encode())
         self._emitted = int(state["emitted"])
         self._exhausted = bool(state["exhausted"])
         self.stats = DataStats(dict(state["stats"]))
+
+
+class GlobalOrderSampler:
+    """A grain sampler: host `shard_index` of `shard_count`'s slice of the global batch
+    sequence, from stream position `start` on.
+
+    Local index j of the host is stream position start + (j // b) * B + h * b + j % b
+    (B the global batch, b = B / H); position p is record `perm_e(p mod n)` of epoch
+    e = p // n under grain's seeded shuffle, with the per-example random generator of
+    (seed + p). So example p, its record and its augmentation are the same whatever H is.
+    """
+
+    def __init__(self, num_records: int, *, seed: int, global_batch: int, shard_index: int,
+                 shard_count: int, start: int = 0):  # fmt: skip
+        if global_batch % shard_count:
+            raise ValueError(f"train batch size={global_batch} is not divisible by the "
+                             f"{shard_count} processes")  # fmt: skip
+        self._base = grain.IndexSampler(num_records=num_records, shuffle=True,
+                                        num_epochs=None, seed=seed)  # fmt: skip
+        self._big, self._small = global_batch, global_batch // shard_count
+        self._offset = start + shard_index * self._small
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless
+
+    def position(self, index: int) -> int:
+        return self._offset + (index // self._small) * self._big + index % self._small
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        return self._base[self.position(index)]
+
+
+class GlobalOrderIterator(DetectionIterator):
+    """Endless training batches in the global order of `GlobalOrderSampler`.
+
+    `make_loader(start)` returns the grain DataLoader reading this host's slice from
+    stream position `start`. State: {"position": examples of the global stream consumed,
+    "global_batch", "stats": this host's DataStats}; everything but the stats is the same
+    on every host, and `set_state` accepts it from a run with any number of hosts.
+    """
+
+    def __init__(self, make_loader: Callable[[int], grain.DataLoader], *, global_batch: int,
+                 **kwargs):  # fmt: skip
+        self._make_loader = make_loader
+        self.global_batch = int(global_batch)
+        self.position = 0
+        super().__init__(make_loader(0), num_batches=None, fill_bad=True, **kwargs)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = super().__next__()
+        self.position += self.global_batch
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"position": self.position, "global_batch": self.global_batch,
+                "stats": self.stats.as_dict()}  # fmt: skip
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "position" not in state:
+            raise ValueError(f"not a training-iterator state (no 'position'): {sorted(state)}")
+        self.position = int(state["position"])
+        self._loader, self._it = self._make_loader(self.position), None
+        self._emitted, self._exhausted = 0, False
+        self.stats = DataStats(dict(state.get("stats", {})))
 
 
 def state_to_json(state: dict[str, Any]) -> str:

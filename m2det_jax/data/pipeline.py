@@ -39,7 +39,7 @@ from absl import flags
 
 from m2det_jax.data import builders, schema
 from m2det_jax.data.examples import CanvasExample, EvalExample, ExampleParams, TrainExample
-from m2det_jax.data.iterator import DetectionIterator
+from m2det_jax.data.iterator import DetectionIterator, GlobalOrderIterator, GlobalOrderSampler
 
 
 def _num_workers(cfg, num_workers: int | None) -> int:
@@ -73,14 +73,19 @@ def _per_host(global_batch: int, shard: grain.ShardOptions, what: str) -> int:
     return global_batch // shard.shard_count
 
 
-def _iterator(source, sampler, transform, workers, batch_size, num_batches, max_bad=1.0):
-    loader = grain.DataLoader(
+def _loader(source, sampler, transform, workers, batch_size, shard_options=None):
+    return grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=[transform],
         worker_count=workers,
+        shard_options=shard_options,
         read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size),
     )
+
+
+def _iterator(source, sampler, transform, workers, batch_size, num_batches, max_bad=1.0):
+    loader = _loader(source, sampler, transform, workers, batch_size)
     return DetectionIterator(
         loader,
         batch_size=batch_size,
@@ -102,7 +107,10 @@ def make_train_iterator(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> DetectionIterator:
-    """Endless, shuffled (new order each epoch), augmented train batches for this host.
+    """Endless, shuffled (new order each epoch), augmented train batches for this host:
+    its slice of each global batch, which depends on the seed and the batch index only
+    (`iterator.GlobalOrderIterator`: 1, 2 or N hosts train on the same batches, and a
+    checkpoint resumes on any number of them).
 
     Args:
       cfg: config (model.input_size, preprocess.*, data.*, train.batch_size, train.seed).
@@ -116,18 +124,22 @@ def make_train_iterator(
     builder = builder if builder is not None else builders.open_builder(cfg)
     source = builders.train_source(cfg, builder, split)
     shard = _shard(shard_index, shard_count, drop_remainder=True)
-    b = _per_host(global_batch_size or cfg.train.batch_size, shard, "train batch size")
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=shard,
-        shuffle=True,
-        num_epochs=None,
-        seed=int(cfg.train.seed if seed is None else seed),
-    )
+    big = int(global_batch_size or cfg.train.batch_size)
+    b = _per_host(big, shard, "train batch size")
     p = ExampleParams.from_config(cfg)
     transform = CanvasExample(p) if p.canvas else TrainExample(p)
-    return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, None,
-                     float(cfg.data.get("max_bad_fraction", 0.5)))  # fmt: skip
+    workers = _num_workers(cfg, num_workers)
+
+    def make_loader(start: int) -> grain.DataLoader:
+        sampler = GlobalOrderSampler(
+            len(source), seed=int(cfg.train.seed if seed is None else seed), global_batch=big,
+            shard_index=shard.shard_index, shard_count=shard.shard_count, start=start)  # fmt: skip
+        return _loader(source, sampler, transform, workers, b, grain.NoSharding())
+
+    return GlobalOrderIterator(
+        make_loader, global_batch=big, batch_size=b, image_shape=transform.image_shape,
+        max_boxes=p.max_boxes, max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.5)),
+        canvas=p.canvas)
 
 
 def make_eval_iterator(
