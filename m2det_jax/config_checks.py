@@ -72,6 +72,12 @@ def validate(cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{field}={value!r}: an integer >= 0 (0: from the data)")
     backend = cfg.get("eval", {}).get("backend", "faster_coco_eval")
+    cap = cfg.get("eval", {}).get("max_detections", 0)
+    if not isinstance(cap, int) or cap < 0:
+        raise ValueError(f"eval.max_detections={cap!r}: expected an integer >= 0 (0: no cap)")
+    fold = cfg.get("eval", {}).get("fold_batchnorm", False)
+    if not isinstance(fold, bool):
+        raise ValueError(f"eval.fold_batchnorm={fold!r}: expected True or False")
     if backend not in ("faster_coco_eval", "pycocotools"):
         raise ValueError(f"eval.backend={backend!r}: expected faster_coco_eval or pycocotools")
     d = cfg.data

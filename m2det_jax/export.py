@@ -46,7 +46,7 @@ from jax._src.lib.mlir.dialects import hlo
 
 from m2det_jax.checkpoints import save_variables
 from m2det_jax.paths import as_path
-from m2det_jax.predict import make_predict_fn
+from m2det_jax.predict import make_predict_fn, prepare_variables
 
 SERVING_FILE = "serving.jax_export"
 SAVED_MODEL_DIR = "saved_model"
@@ -72,6 +72,7 @@ def make_serving_fn(cfg: ml_collections.ConfigDict, variables) -> Callable[..., 
     config's dtype); preprocessing follows cfg.preprocess.
     """
     predict = make_predict_fn(cfg)
+    variables = prepare_variables(cfg, variables)  # folded BN if cfg.eval says so
 
     def fn(images, image_sizes):
         v = jax.tree.map(

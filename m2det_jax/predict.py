@@ -28,6 +28,7 @@ from m2det_jax import box_ops
 from m2det_jax import sharding as shd
 from m2det_jax.data.augment import resize
 from m2det_jax.models import build_model
+from m2det_jax.models.fold import apply_inference, fold_batchnorm
 from m2det_jax.postprocess import decode_and_score, make_detect_fn, make_nms_fn
 from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
@@ -82,7 +83,7 @@ def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
     detect_fn = make_detect_fn(cfg)
 
     def predict(variables, images, image_sizes):
-        out = model.apply(variables, preprocess(images, cfg), train=False)
+        out = apply_inference(model, variables, preprocess(images, cfg))
         return detect_fn(out["loc"], out["logits"], priors, image_sizes)
 
     if mesh is None:
@@ -106,7 +107,7 @@ def _passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
         x = preprocess(x, cfg_s)
         if flip:
             x = jnp.concatenate([x, x[:, :, ::-1]])
-        out = model.apply(variables, x, train=False)
+        out = apply_inference(model, variables, x)
         boxes, scores = decode_and_score(out["loc"], out["logits"], priors, cfg_s)
         result = [(boxes[:b], scores[:b])]
         if flip:
@@ -178,6 +179,13 @@ def prepare_images(
     return x, image_sizes
 
 
+def prepare_variables(cfg, variables) -> dict:
+    """`variables`, BatchNorm folded into the convolutions when cfg.eval.fold_batchnorm."""
+    if cfg.get("eval", {}).get("fold_batchnorm", False):
+        return fold_batchnorm(variables)
+    return variables
+
+
 def pad_batch(x: np.ndarray, batch: int, value: float = 0) -> np.ndarray:
     """Pads axis 0 of `x` with `value` to `batch` rows (a fixed shape: one compilation)."""
     if x.shape[0] == batch:
@@ -188,23 +196,28 @@ def pad_batch(x: np.ndarray, batch: int, value: float = 0) -> np.ndarray:
 
 def make_detector(
     cfg, variables, *, batch_size: int = 1, tta_sizes: Sequence[int] | None = None,
-    tta_flip: bool = False,
+    tta_flip: bool = False, mesh: Mesh | None = None,
 ) -> Callable[[Sequence[np.ndarray]], dict[str, np.ndarray]]:  # fmt: skip
     """images (uint8 RGB, any sizes, at most batch_size) -> numpy detections in their pixels.
 
-    A fixed batch (the last one is padded), so each program compiles once. With `tta_sizes`
-    or `tta_flip`: `make_tta_fn` over those sizes.
+    A fixed batch (the last one is padded), so each program compiles once, split over the
+    devices of `mesh` (default: every local device; the batch is rounded up to a multiple
+    of their count). With `tta_sizes` or `tta_flip`: `make_tta_fn` over those sizes, every
+    pass of the whole batch in one program, sharded the same way.
     """
     sizes = tuple(tta_sizes or ())
     tta = bool(sizes or tta_flip)
     sizes = sizes or (int(cfg.model.input_size),)
-    fn = make_tta_fn(cfg, sizes, tta_flip) if tta else make_predict_fn(cfg)
+    mesh = mesh if mesh is not None else shd.make_mesh(jax.local_devices())
+    n_dev = int(mesh.devices.size)
+    batch = -(-int(batch_size) // n_dev) * n_dev
+    fn = make_tta_fn(cfg, sizes, tta_flip, mesh=mesh) if tta else make_predict_fn(cfg, mesh)
+    variables = shd.replicate(jax.device_get(prepare_variables(cfg, variables)), mesh)
 
     def run(ims):
         n = len(ims)
-        xs = [pad_batch(prepare_images(ims, cfg, s)[0], batch_size) for s in sizes]
-        image_sizes = pad_batch(np.array([im.shape[:2] for im in ims], np.float32), batch_size,
-                                1.0)  # fmt: skip
+        xs = [pad_batch(prepare_images(ims, cfg, s)[0], batch) for s in sizes]
+        image_sizes = pad_batch(np.array([im.shape[:2] for im in ims], np.float32), batch, 1.0)
         dets = jax.device_get(fn(variables, tuple(xs) if tta else xs[0], image_sizes))
         return {k: np.asarray(v)[:n] for k, v in dets.items()}
 

@@ -171,6 +171,18 @@ def test_tta_eval_scores_every_image_once(shapes, tmp_path):
     written = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert written["num_images"] == 8 and set(METRIC_NAMES) <= set(written)
     assert written["num_detections"] == int(multi["valid"].sum()) == metrics["num_detections"]
+    # Streaming scores what the dense path (all K rows of every image at once) scored.
+    from m2det_jax import data
+    from m2det_jax.coco_eval import coco_evaluate, coco_results_array
+
+    dense = coco_evaluate(data.ground_truth(builder, cfg.data.eval_split), coco_results_array(
+        multi["boxes"], multi["scores"], multi["classes"], multi["valid"], multi["image_id"],
+        data.category_ids(builder)), image_ids=multi["image_id"])  # fmt: skip
+    assert {k: dense[k] for k in METRIC_NAMES} == {k: metrics[k] for k in METRIC_NAMES}
+    # eval.max_detections: at most that many per image reach the host and the metrics.
+    capped = load_config(config_path("tiny"), [*base, "eval.max_detections=3"])
+    m3 = evaluate_variables(capped, v, builder=builder)
+    assert 0 < m3["num_detections"] <= 3 * 8 and m3["num_images"] == 8
 
 
 def test_tta_config_errors_name_the_field():
@@ -256,3 +268,31 @@ def test_eval_cli_on_two_processes_matches_one(shapes, tmp_path):
     assert "rebuilt from the shapes validation records" in two["ground_truth"]
     for k in METRIC_NAMES:
         assert two[k] == pytest.approx(one[k], abs=1e-6), k
+
+
+def test_compact_detections_keeps_the_top_rows_in_order():
+    import jax.numpy as jnp
+
+    from m2det_jax.evaluate import compact_detections
+
+    rng = np.random.default_rng(0)
+    b, k = 3, 40
+    valid = rng.random((b, k)) < 0.5
+    valid[2] = False  # an image without detections
+    dets = {"boxes": jnp.asarray(rng.random((b, k, 4)), jnp.float32),
+            "scores": jnp.asarray(rng.random((b, k)), jnp.float32),
+            "classes": jnp.asarray(rng.integers(1, 5, (b, k)), jnp.int32),
+            "valid": jnp.asarray(valid)}  # fmt: skip
+    whole = compact_detections(dets, 0)  # no cap: every row as it was
+    assert whole["count"].tolist() == valid.sum(1).tolist()
+    np.testing.assert_array_equal(whole["scores"], dets["scores"])
+    out = compact_detections(dets, 5)
+    assert out["scores"].shape == (b, 5) and out["boxes"].shape == (b, 5, 4)
+    assert out["count"].tolist() == [min(5, n) for n in valid.sum(1)]
+    for i in range(2):
+        idx = np.flatnonzero(valid[i])
+        top = np.sort(idx[np.argsort(-np.asarray(dets["scores"][i])[idx])[:5]])  # original order
+        m = np.asarray(out["valid"][i])
+        np.testing.assert_array_equal(np.asarray(out["scores"][i])[m], np.asarray(dets["scores"][i])[top])
+        np.testing.assert_array_equal(np.asarray(out["boxes"][i])[m], np.asarray(dets["boxes"][i])[top])
+    assert not np.asarray(out["valid"][2]).any()

@@ -12,7 +12,14 @@ from PIL import Image
 from m2det_jax import load_config
 from m2det_jax.checkpoints import save_variables
 from m2det_jax.predict import make_detector, tta_passes
-from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
+from tests.helpers import (
+    OVERRIDES,
+    assert_same_detections,
+    config_path,
+    run_worker,
+    tiny_variables,
+    worker_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +109,16 @@ def test_tta_single_size_equals_plain_detect_and_shapes_fixed(setup):
     for k in plain:
         assert multi[k].shape == plain[k].shape, k
     assert np.isfinite(multi["boxes"]).all() and multi["valid"].sum() > 0
+
+
+@pytest.mark.slow
+def test_detector_on_8_devices_equals_one_plain_tta_and_folded(tmp_path):
+    """`m2det detect`'s batch (plain, and TTA of 2 sizes + flip) split over 8 devices gives
+    the one-device detections; folded BatchNorm gives them too."""
+    out = tmp_path / "detect8.json"
+    run_worker(["detect8", out], worker_env(tmp_path / "cache"))
+    d = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in json.loads(out.read_text()).items()}
+    for mode in ("plain", "tta"):
+        for bn in ("bn", "fold"):
+            assert_same_detections(d[f"eight_{mode}_{bn}"], d[f"one_{mode}_{bn}"], 1e-4, 1e-5)
+        assert_same_detections(d[f"one_{mode}_fold"], d[f"one_{mode}_bn"], 1e-3, 1e-4)

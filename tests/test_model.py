@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from m2det_jax import build_model, convert_torch_state_dict, load_config
+from m2det_jax.models import apply_inference, fold_batchnorm
 from m2det_jax.models.layers import legacy_nearest_indices, upsample_nearest
 from m2det_jax.reference import seeded_weights
 from m2det_jax.stats import model_summary
-from tests.helpers import config_path
+from tests.helpers import config_path, tiny_variables
 
 
 def _slice(x):
@@ -153,3 +154,27 @@ def test_bf16_compute_keeps_float32_params():
     ref = build_model(_tiny([])).apply(v, x)
     np.testing.assert_allclose(out["logits"], ref["logits"], atol=0.1 * float(
         jnp.abs(ref["logits"]).max()) + 0.05)
+
+
+def test_folded_batchnorm_equals_the_unfolded_network():
+    """fold_batchnorm + apply_inference: every conv -> BN pair folded (the first source's
+    BN stays), network outputs equal up to float32 rounding, with non-trivial statistics."""
+    cfg = load_config(config_path("tiny"))
+    model = build_model(cfg)
+    rng = np.random.default_rng(0)
+
+    def perturb(path, a):
+        if str(getattr(path[-1], "key", "")) in ("scale", "mean", "var"):
+            return a + jnp.asarray(rng.uniform(0.1, 0.5, a.shape), a.dtype)
+        return a
+
+    v = jax.tree_util.tree_map_with_path(perturb, tiny_variables(cfg))
+    f = fold_batchnorm(v)
+    assert list(f["batch_stats"]) == ["norm"] and len(jax.tree.leaves(f["folded"])) == 37
+    assert fold_batchnorm(f) is f
+    x = jnp.asarray(rng.normal(0, 60, (2, 64, 64, 3)), jnp.float32)
+    fn = jax.jit(lambda v, x: apply_inference(model, v, x))
+    a, b = fn(v, x), fn(f, x)
+    for k in ("loc", "logits"):
+        scale = float(jnp.abs(a[k]).max())
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5 * scale, err_msg=k)

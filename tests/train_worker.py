@@ -6,6 +6,7 @@ Run from the repository root (`tests.helpers.worker_command`):
       [--slow SECONDS] [--data SHAPES_DATA_DIR] [--set key=value ...] [--devices N] [--eval]
       # --data: the real grain pipeline on the shapes set (else a synthetic iterator)
   python -m tests.train_worker eval DATA_DIR OUT.json [ADDR NPROC PID]   # plain + TTA eval
+  python -m tests.train_worker detect8 OUT.json    # make_detector on 8 fake devices vs 1
 
 JAX settings (fake device count, jax.distributed) come first, so the modules that use JAX
 are imported inside the entry points, after them.
@@ -76,6 +77,38 @@ def mesh_check(out_path):
     }  # fmt: skip
     with open(out_path, "w") as f:
         json.dump(diff, f)
+
+
+def detect_check(out_path):
+    """`make_detector` (plain, TTA of 2 sizes + flip, and with folded BatchNorm) on 8 fake
+    devices against 1 device: the detections of both, as JSON."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    _enable_cache()
+    import numpy as np
+
+    import m2det_jax
+    from m2det_jax import sharding as shd
+    from m2det_jax.predict import make_detector
+    from tests.helpers import OVERRIDES, tiny_variables
+
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(3)
+    ims = [rng.integers(0, 255, (40 + 7 * i, 90 - 5 * i, 3), np.uint8) for i in range(5)]
+    out = {}
+    for fold in (False, True):
+        cfg = m2det_jax.load_config(CONFIG, OVERRIDES + [f"eval.fold_batchnorm={fold}",
+                                                         "postprocess.score_threshold=0.05"])
+        v = tiny_variables(cfg)
+        for tta in (False, True):
+            kw = {"tta_sizes": (64, 96), "tta_flip": True} if tta else {}
+            for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+                d = make_detector(cfg, v, batch_size=5, mesh=shd.make_mesh(devices), **kw)(ims)
+                out[f"{name}_{'tta' if tta else 'plain'}_{'fold' if fold else 'bn'}"] = {
+                    k: np.asarray(x).tolist() for k, x in d.items()}
+    with open(out_path, "w") as f:
+        json.dump(out, f)
 
 
 class _Faulty:
@@ -212,6 +245,8 @@ if __name__ == "__main__":
     args = [a for a in args if a != "--eval"]
     if args[0] == "mesh":
         mesh_check(args[1])
+    elif args[0] == "detect8":
+        detect_check(args[1])
     elif args[0] == "eval":
         evaluate(*args[1:6])
     else:
