@@ -5,8 +5,10 @@ in its own subprocess: XLA reads its flags once per process).
 
   python benchmarks/forward.py --configs m2det320_vgg m2det512_vgg --batch 1
 
-Timings of the original PyTorch network on the development machines are in
-docs/original.md (§9).
+With `--vs-original PATH` (a clone of github.com/qijiezhao/M2Det; torch installed) the
+original PyTorch network (`benchmarks/original_net.py`, PyTorch's threads = the CPU count)
+is timed in the same processes, alternating with ours call by call, on the same input:
+ours is `jax.jit(model.apply)`, the public API, nothing else changed.
 """
 
 import argparse
@@ -14,10 +16,46 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import jax
+import numpy as np
 
 from m2det_jax import runtime
 from m2det_jax.benchmark import forward_speed, peak_gflops
 from m2det_jax.config import load_config
+from m2det_jax.models import build_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from original_net import build_original  # noqa: E402 - benchmarks/ is not a package
+
+
+def versus_original(cfg, path: str, iters: int) -> dict:
+    """Median seconds of ours and of the original at batch 1, alternating call by call
+    (a pause between calls lets the other library's threads go idle)."""
+    import torch  # noqa: PLC0415 - only for this comparison
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    s = int(cfg.model.input_size)
+    x = np.random.default_rng(0).normal(0, 50, (1, s, s, 3)).astype(np.float32)
+    model = build_model(cfg)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    net, xt = build_original(path, cfg), torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    runs = {"ours": lambda: jax.block_until_ready(ours(variables, x)),
+            "original": lambda: net(xt)}  # fmt: skip
+    times = {k: [] for k in runs}
+    with torch.no_grad():
+        for k in runs:  # warm-up (and compile)
+            runs[k]()
+            runs[k]()
+        for _ in range(iters):
+            for k, fn in runs.items():
+                time.sleep(0.2)
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {f"{k}_s": float(np.median(v)) for k, v in times.items()}
 
 
 def measure(args) -> None:
@@ -27,7 +65,10 @@ def measure(args) -> None:
     peak = peak_gflops()
     for name in args.configs:
         cfg = load_config(name, [f"model.dtype={args.dtype}"])
-        r = forward_speed(cfg, batch=args.batch, iters=args.iters)
+        if args.vs_original:
+            r = versus_original(cfg, args.vs_original, args.iters)
+        else:
+            r = forward_speed(cfg, batch=args.batch, iters=args.iters)
         print(json.dumps({"config": name, "peak": peak, **r}), flush=True)
 
 
@@ -39,6 +80,9 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--flags", choices=("both", "default", "conv"), default="both",
                     help="XLA:CPU flags: default, runtime.CPU_CONV_FLAGS, or both side by side")
+    ap.add_argument("--vs-original", dest="vs_original", default=None, metavar="PATH",
+                    help="time the original PyTorch network of this clone beside ours "
+                         "(batch 1, alternating)")  # fmt: skip
     ap.add_argument("--measure_one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_one:
@@ -54,8 +98,17 @@ def main():
         cmd = [sys.executable, __file__, "--measure_one", "--flags", setting, "--batch",
                str(args.batch), "--iters", str(args.iters), "--dtype", args.dtype,
                "--configs", *args.configs]
+        if args.vs_original:
+            cmd += ["--vs-original", args.vs_original]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows += [(setting, json.loads(line)) for line in out.splitlines() if line.startswith("{")]
+    if args.vs_original:
+        print("| config | XLA flags | ours s/img | original s/img | ours / original |")
+        print("|---|---|---|---|---|")
+        for setting, r in sorted(rows, key=lambda x: x[1]["config"]):
+            print(f"| {r['config']} | {setting} | {r['ours_s']:.3f} | {r['original_s']:.3f} | "
+                  f"{r['ours_s'] / r['original_s']:.2f} |")
+        return
     hdr = ("config", "XLA flags", "batch", "compile s", "s/img", "GFLOP/s", "% peak")
     print(f"{hdr[0]:16s} {hdr[1]:>9s} {hdr[2]:>5s} {hdr[3]:>9s} {hdr[4]:>7s} {hdr[5]:>8s} "
           f"{hdr[6]:>6s}")
