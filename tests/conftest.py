@@ -33,3 +33,12 @@ def _release_compiled_programs():
     suite, and hundreds of cached XLA:CPU executables (each with its buffers) add up."""
     yield
     jax.clear_caches()
+
+
+# Run first under `pytest -n 2 --dist loadfile` (each module stays on one worker): the
+# longest module then overlaps the rest of the suite instead of running alone at the end.
+FIRST = ("test_reliability.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: order kept otherwise
