@@ -56,9 +56,10 @@ def _stop_if_nonfinite(bad_step: int, ckpts: TrainCheckpoints) -> None:
         f"checkpoint: {'none' if good is None else f'step {good} in {ckpts.directory}'}")
 
 
-def tfds_train_data(cfg) -> tuple[Callable[..., Iterator], int]:
-    """The grain pipeline of `m2det_jax.data` as (iterator factory, dataset size)."""
-    builder = data.open_builder(cfg)
+def tfds_train_data(cfg, builder=None) -> tuple[Callable[..., Iterator], int]:
+    """The grain pipeline of `m2det_jax.data` as (iterator factory, dataset size);
+    `builder` default `data.open_builder(cfg)`."""
+    builder = builder if builder is not None else data.open_builder(cfg)
     n = len(data.train_source(cfg, builder))  # with "+" splits, "trainval" and extra sets
 
     def make(cfg, local_bs, process_index, process_count):
@@ -101,11 +102,11 @@ def local_data_state(state):
     return state
 
 
-def missing_eval_split(cfg) -> str | None:
+def missing_eval_split(cfg, builder=None) -> str | None:
     """Why cfg.data.eval_split cannot be evaluated (None when it can): checked before
     training, so a run without a validation split trains and says so instead of failing
     at its final evaluation."""
-    builder = data.open_builder(cfg)
+    builder = builder if builder is not None else data.open_builder(cfg)
     try:
         data.data_source(builder, cfg.data.eval_split)
     except FileNotFoundError:
@@ -174,9 +175,12 @@ def train_and_evaluate(
             workdir.mkdir(parents=True, exist_ok=True)
             write_run_info(workdir, cfg)
         eval_every = cfg.train.eval_every
+        builder = None  # the dataset, opened (digests checked, prepared) once for all uses
+        if train_iterator_fn is None or (evaluate_fn is None and eval_every >= 0):
+            builder = data.open_builder(cfg)
         if evaluate_fn is None:
-            evaluate_fn = functools.partial(evaluate_variables, workdir=workdir)
-            missing = None if eval_every < 0 else missing_eval_split(cfg)
+            evaluate_fn = functools.partial(evaluate_variables, workdir=workdir, builder=builder)
+            missing = None if eval_every < 0 else missing_eval_split(cfg, builder)
             if missing:
                 eval_every = -1
                 if is_main:
@@ -187,8 +191,8 @@ def train_and_evaluate(
         local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
         labels = None  # class names + category ids, stored with every checkpoint
         if train_iterator_fn is None:
-            train_iterator_fn, num_train_examples = tfds_train_data(cfg)
-            labels = data.dataset_labels(data.open_builder(cfg))
+            train_iterator_fn, num_train_examples = tfds_train_data(cfg, builder)
+            labels = data.dataset_labels(builder)
         steps_per_epoch = cfg.train.steps_per_epoch or max(
             num_train_examples // cfg.train.batch_size, 1)
         n_steps = total_steps(cfg, steps_per_epoch)
