@@ -187,11 +187,24 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None,
     check_signature(meta["model"], cfg, directory)
     check_fingerprint(meta.get("fingerprint"), cfg, directory, allow=allow_config_mismatch)
     train_dir = _train_checkpoints(directory)
-    if train_dir is not None:  # a training run: take params/batch_stats of its latest step
-        with ocp.CheckpointManager(train_dir) as mngr:
-            state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore()))["state"]  # fmt: skip
-        return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if train_dir is not None:  # a training run: params/batch_stats of its newest good step
+        single = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        handlers = {"state": ocp.StandardCheckpointHandler()}
+        with ocp.CheckpointManager(train_dir, item_handlers=handlers) as mngr:
+            for step in sorted(mngr.all_steps(), reverse=True):
+                try:  # onto this process's device, whatever mesh wrote it
+                    target = jax.tree.map(
+                        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single),
+                        mngr.item_metadata(step)["state"])  # fmt: skip
+                    state = mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target)))["state"]  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - damaged: fall back, as resuming does
+                    where = as_path(train_dir) / str(step)
+                    _warn(f"checkpoint {where} does not restore ({type(e).__name__}: "
+                          f"{str(e)[:200]}); trying the one before")  # fmt: skip
+                    continue
+                return {"params": state["params"], "batch_stats": state["batch_stats"]}
+        raise FileNotFoundError(f"no checkpoint in {train_dir} restores")
     abstract = abstract_variables(cfg)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     modules = meta.get("modules")

@@ -213,3 +213,20 @@ def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3.orbax-checkpoint-tmp-123: a save that never finished" in err
     assert f"checkpoint {tmp_path / 'checkpoints' / '2'} does not restore" in err
+
+
+def test_loading_a_workdir_falls_back_past_a_truncated_checkpoint(runs, tmp_path, capsys):
+    """`m2det eval/detect/export` on a training workdir whose newest checkpoint is damaged
+    load the one before, with a warning, as resuming does; the run used 2 devices and this
+    process has 1 (the state restores onto whatever devices load it)."""
+    torn, older = tmp_path / "torn", tmp_path / "older"
+    shutil.copytree(runs["one"], torn)
+    shutil.copytree(runs["one"], older)
+    shutil.rmtree(older / "checkpoints" / "6")
+    for f in (torn / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[:7])
+    got, want = _params(torn), _params(older)
+    assert f"checkpoint {torn / 'checkpoints' / '6'} does not restore" in capsys.readouterr().err
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
