@@ -199,9 +199,7 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None,
                     state = mngr.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target)))["state"]  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - damaged: fall back, as resuming does
-                    where = as_path(train_dir) / str(step)
-                    _warn(f"checkpoint {where} does not restore ({type(e).__name__}: "
-                          f"{str(e)[:200]}); trying the one before")  # fmt: skip
+                    _warn_unrestorable(as_path(train_dir) / str(step), e)
                     continue
                 return {"params": state["params"], "batch_stats": state["batch_stats"]}
         raise FileNotFoundError(f"no checkpoint in {train_dir} restores")
@@ -294,8 +292,7 @@ class TrainCheckpoints:
             except ConfigMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - any damage: fall back to the previous one
-                _warn(f"checkpoint {self.directory / str(step)} does not restore "
-                      f"({type(e).__name__}: {str(e)[:200]}); trying the one before")  # fmt: skip
+                _warn_unrestorable(self.directory / str(step), e)
         return None
 
     def save(self, step: int, state, data_state, meta: dict[str, Any]) -> None:
@@ -316,3 +313,8 @@ class TrainCheckpoints:
 def _warn(message: str) -> None:
     if jax.process_index() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _warn_unrestorable(where, error: Exception) -> None:
+    _warn(f"checkpoint {where} does not restore ({type(error).__name__}: {str(error)[:200]}); "
+          "trying the one before")

@@ -88,8 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.backend = "faster_coco_eval"
     # Fold each conv -> BatchNorm pair for inference (`models.fold_batchnorm`) in evaluation,
     # `m2det detect` and `m2det export`: outputs equal up to float32 rounding. Off by
-    # default: XLA already fuses the BatchNorm into the convolution's epilogue, so on XLA:CPU
-    # it measured no faster (README, Speed).
+    # default: XLA already fuses the BatchNorm into the convolution's epilogue.
     c.eval.fold_batchnorm = False
     # Detections kept per image, compacted on the device before they reach the host
     # (`evaluate.compact_detections`): the highest-scoring ones. 0 keeps every valid row

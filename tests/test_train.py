@@ -21,6 +21,7 @@ from tests.helpers import (
     worker_command,
     worker_env,
 )
+from tests.train_worker import real_overrides
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,9 @@ def test_sharded_step_equals_single_device(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
-    wd = tmp_path / "sig"
-    p = subprocess.Popen(worker_command("train", wd, 1000, "--slow", 0.5),
+def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir, shapes):
+    wd = tmp_path / "sig"  # the real grain pipeline of the shapes set
+    p = subprocess.Popen(worker_command("train", wd, 1000, "--slow", 0.5, "--data", shapes[0]),
                          env=worker_env(cache_dir), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 400
@@ -89,7 +90,7 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir):
 
     from m2det_jax.checkpoints import load_variables
 
-    restored = load_variables(wd, load_config(config_path("tiny")))
+    restored = load_variables(wd, load_config(config_path("tiny"), real_overrides(shapes[0])))
     assert set(restored) == {"params", "batch_stats"}
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
 
