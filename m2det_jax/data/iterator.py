@@ -207,9 +207,6 @@ class GlobalOrderSampler:
 
     def __init__(self, num_records: int, *, seed: int, global_batch: int, shard_index: int,
                  shard_count: int, start: int = 0):  # fmt: skip
-        if global_batch % shard_count:
-            raise ValueError(f"train batch size={global_batch} is not divisible by the "
-                             f"{shard_count} processes")  # fmt: skip
         self._base = grain.IndexSampler(num_records=num_records, shuffle=True,
                                         num_epochs=None, seed=seed)  # fmt: skip
         self._big, self._small = global_batch, global_batch // shard_count
@@ -238,13 +235,13 @@ class GlobalOrderIterator(DetectionIterator):
                  **kwargs):  # fmt: skip
         self._make_loader = make_loader
         self.global_batch = int(global_batch)
-        self.position = 0
+        self._start = 0
         super().__init__(make_loader(0), num_batches=None, fill_bad=True, **kwargs)
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = super().__next__()
-        self.position += self.global_batch
-        return batch
+    @property
+    def position(self) -> int:
+        """Examples of the global stream consumed (by all hosts together)."""
+        return self._start + self._emitted * self.global_batch
 
     def get_state(self) -> dict[str, Any]:
         return {"position": self.position, "global_batch": self.global_batch,
@@ -253,10 +250,11 @@ class GlobalOrderIterator(DetectionIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         if "position" not in state:
             raise ValueError(f"not a training-iterator state (no 'position'): {sorted(state)}")
-        self.position = int(state["position"])
-        self._loader, self._it = self._make_loader(self.position), None
+        self._start = int(state["position"])
+        self._loader, self._it = self._make_loader(self._start), None
         self._emitted, self._exhausted = 0, False
-        self.stats = DataStats(dict(state.get("stats", {})))
+        self.stats = DataStats()  # every key, also where the state carries none (process > 0)
+        self.stats.add(state.get("stats", {}))
 
 
 def state_to_json(state: dict[str, Any]) -> str:
