@@ -25,9 +25,10 @@ import ml_collections
 import numpy as np
 
 from m2det_jax import runtime
-from m2det_jax.models import build_model
+from m2det_jax.models import apply_inference, build_model
+from m2det_jax.models.winograd import WINOGRAD
 from m2det_jax.postprocess import make_detect_fn, standard_postprocess
-from m2det_jax.predict import make_predict_fn
+from m2det_jax.predict import make_predict_fn, prepare_variables
 from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
 from m2det_jax.stats import count_macs
@@ -67,8 +68,11 @@ def run_benchmark(
     random_weights = variables is None
     if variables is None:
         variables = jax.jit(model.init)(jax.random.key(0), x1)
+    # As evaluation and `m2det detect` run (on the device: folding returns numpy).
+    variables = jax.device_put(prepare_variables(cfg, variables))
     s = cfg.model.input_size
     out: dict[str, Any] = {
+        "winograd": WINOGRAD in variables,
         "input_size": s,
         "batch": batch,
         "iters": iters,
@@ -86,7 +90,7 @@ def run_benchmark(
     c, sec = _timed(infer, (variables, xb, sizes_b), max(1, iters // 2))
     out["throughput"] = {"compile_s": c, "s_per_img": sec / batch, "img_per_s": batch / sec}
 
-    net = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    net = jax.jit(lambda v, x: apply_inference(model, v, x))
     raw = net(variables, x1)
     priors = jnp.asarray(prior_boxes(cfg))
     for name, c_pp in (("postprocess_original", cfg), ("postprocess_standard",
@@ -103,8 +107,8 @@ def run_benchmark(
 def format_table(r: dict[str, Any]) -> str:
     """The benchmark result as a fixed-width text table."""
     head = f"input {r['input_size']}, {r['device']} ({r['cpu']}), mean of {r['iters']} iters" + (
-        ", random weights" if r["random_weights"] else ""
-    )
+        ", random weights" if r["random_weights"] else "") + (
+        ", Winograd convs" if r.get("winograd") else "")  # fmt: skip
     rows = [
         ("measurement", "compile s", "ms / image", "rate"),
         ("paper: batch 1, net + NMS", f"{r['paper']['compile_s']:.1f}",
@@ -130,15 +134,21 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def forward_speed(cfg: ml_collections.ConfigDict, variables=None, batch: int = 1,
-                  iters: int = 5) -> dict[str, Any]:  # fmt: skip
+                  iters: int = 5, inference: bool = False) -> dict[str, Any]:  # fmt: skip
     """Compile time, median seconds per image of the forward pass at `batch` and its conv
-    GFLOP/s (2 x MACs / time); random weights when `variables` is None."""
+    GFLOP/s (2 x MACs of the direct convolutions / time); random weights when `variables`
+    is None. `inference=True` times `apply_inference` on `prepare_variables(cfg, ...)` (what
+    evaluation and `m2det detect` run: folded BN / Winograd as cfg.eval says) instead of
+    `model.apply`."""
     model = build_model(cfg)
     s = cfg.model.input_size
     x = preprocess(_images(cfg, batch), cfg)
     if variables is None:
         variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    plain = variables
+    if inference:
+        variables = jax.device_put(prepare_variables(cfg, variables))
+    fwd = jax.jit(lambda v, x: apply_inference(model, v, x))
     t = time.perf_counter()
     compiled = fwd.lower(variables, x).compile()
     compile_s = time.perf_counter() - t
@@ -149,7 +159,7 @@ def forward_speed(cfg: ml_collections.ConfigDict, variables=None, batch: int = 1
         jax.block_until_ready(compiled(variables, x))
         times.append(time.perf_counter() - t)
     sec = float(np.median(times))
-    macs = count_macs(model, variables, s, batch)
+    macs = count_macs(model, plain, s, batch)
     return {"input_size": s, "batch": batch, "compile_s": compile_s, "s_per_img": sec / batch,
             "gflops": 2 * macs / sec / 1e9}  # fmt: skip
 

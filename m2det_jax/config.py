@@ -90,6 +90,17 @@ def default_config() -> ml_collections.ConfigDict:
     # `m2det detect` and `m2det export`: outputs equal up to float32 rounding. Off by
     # default: XLA already fuses the BatchNorm into the convolution's epilogue.
     c.eval.fold_batchnorm = False
+    # Winograd F(4x4, 3x3) for the wide 3x3 convolutions in evaluation, `m2det detect` and
+    # `m2det export` (`models.prepare_winograd`): ~4x less arithmetic on those layers,
+    # outputs within ~1e-5 of the layer's largest value. "auto": on when JAX's backend is
+    # the CPU and the model float32 (GPU/TPU libraries pick their own algorithms); "on";
+    # "off" (the direct convolution, bit-equal to `model.apply`).
+    c.eval.winograd = "auto"
+    # Which convolutions Winograd takes (`models.winograd.plan`): input and output channels
+    # >= min_channels and output pixels >= min_pixels. Chosen from per-layer timings on
+    # XLA:CPU (`python benchmarks/winograd_layers.py` prints them for your machine).
+    c.eval.winograd_min_channels = 256
+    c.eval.winograd_min_pixels = 400
     # Detections kept per image, compacted on the device before they reach the host
     # (`evaluate.compact_detections`): the highest-scoring ones. 0 keeps every valid row
     # (the original's evaluation: no per-image cap); 100 is COCO's submission rule.

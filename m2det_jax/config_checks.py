@@ -17,6 +17,7 @@ POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
 # (accelerator compilers schedule for memory); train.grad_accum_steps lowers it there too.
 REMAT_MODES = ("none", "stages", "dots", "full")
 METRICS = ("auto", "coco", "voc")
+WINOGRAD_MODES = ("auto", "on", "off")
 
 
 def validate(cfg) -> None:
@@ -78,6 +79,13 @@ def validate(cfg) -> None:
     fold = cfg.get("eval", {}).get("fold_batchnorm", False)
     if not isinstance(fold, bool):
         raise ValueError(f"eval.fold_batchnorm={fold!r}: expected True or False")
+    wino = cfg.get("eval", {}).get("winograd", "auto")
+    if wino not in WINOGRAD_MODES:
+        raise ValueError(f"eval.winograd={wino!r}: expected one of {WINOGRAD_MODES}")
+    for field in ("winograd_min_channels", "winograd_min_pixels"):
+        value = cfg.get("eval", {}).get(field, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"eval.{field}={value!r}: expected an integer >= 1")
     if backend not in ("faster_coco_eval", "pycocotools"):
         raise ValueError(f"eval.backend={backend!r}: expected faster_coco_eval or pycocotools")
     d = cfg.data

@@ -29,6 +29,7 @@ from m2det_jax import sharding as shd
 from m2det_jax.data.augment import resize
 from m2det_jax.models import build_model
 from m2det_jax.models.fold import apply_inference, fold_batchnorm
+from m2det_jax.models.winograd import prepare_winograd
 from m2det_jax.postprocess import decode_and_score, make_detect_fn, make_nms_fn
 from m2det_jax.preprocess import preprocess
 from m2det_jax.priors import prior_boxes
@@ -179,10 +180,24 @@ def prepare_images(
     return x, image_sizes
 
 
+def use_winograd(cfg) -> bool:
+    """cfg.eval.winograd resolved: "on", or "auto" on a CPU backend with a float32 model."""
+    mode = cfg.get("eval", {}).get("winograd", "auto")
+    return mode == "on" or (mode == "auto" and jax.default_backend() == "cpu"
+                            and str(cfg.model.get("dtype", "float32")) == "float32")  # fmt: skip
+
+
 def prepare_variables(cfg, variables) -> dict:
-    """`variables`, BatchNorm folded into the convolutions when cfg.eval.fold_batchnorm."""
+    """`variables` for inference: BatchNorm folded into the convolutions when
+    cfg.eval.fold_batchnorm, Winograd kernels added when `use_winograd(cfg)` (planned for
+    cfg.model.input_size; `apply_inference` runs either)."""
     if cfg.get("eval", {}).get("fold_batchnorm", False):
-        return fold_batchnorm(variables)
+        variables = fold_batchnorm(variables)
+    if use_winograd(cfg):
+        s, e = int(cfg.model.input_size), cfg.eval
+        variables = prepare_winograd(build_model(cfg), variables, (1, s, s, 3),
+                                     min_channels=e.get("winograd_min_channels", 256),
+                                     min_pixels=e.get("winograd_min_pixels", 400))  # fmt: skip
     return variables
 
 

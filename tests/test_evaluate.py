@@ -244,7 +244,10 @@ def test_eval_cli_on_two_processes_matches_one(shapes, tmp_path):
     overrides = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50",
                  "model.num_classes=5", "data.dataset=shapes", "data.eval_batch_size=4",
                  "data.shapes_num_train=16", "data.shapes_num_validation=8",
-                 "postprocess.score_threshold=0.05", f"data.data_dir={data_dir}"]  # fmt: skip
+                 "postprocess.score_threshold=0.05", f"data.data_dir={data_dir}",
+                 # Winograd convolutions on both sides (tiny needs low thresholds).
+                 "eval.winograd=on", "eval.winograd_min_channels=8",
+                 "eval.winograd_min_pixels=1"]  # fmt: skip
     cfg = load_config(config_path("tiny"), overrides)
     v = tiny_variables(cfg)
     ckpt = save_variables(tmp_path / "ckpt", v, cfg, source="test")

@@ -114,7 +114,7 @@ def test_tta_single_size_equals_plain_detect_and_shapes_fixed(setup):
 @pytest.mark.slow
 def test_detector_on_8_devices_equals_one_plain_tta_and_folded(tmp_path):
     """`m2det detect`'s batch (plain, and TTA of 2 sizes + flip) split over 8 devices gives
-    the one-device detections; folded BatchNorm gives them too."""
+    the one-device detections; folded BatchNorm with Winograd convolutions gives them too."""
     out = tmp_path / "detect8.json"
     run_worker(["detect8", out], worker_env(tmp_path / "cache"))
     d = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in json.loads(out.read_text()).items()}

@@ -98,8 +98,12 @@ def detect_check(out_path):
     ims = [rng.integers(0, 255, (40 + 7 * i, 90 - 5 * i, 3), np.uint8) for i in range(5)]
     out = {}
     for fold in (False, True):
+        # The folded run also takes Winograd convolutions (thresholds low enough for tiny).
+        wino = (["eval.winograd=on", "eval.winograd_min_channels=8",
+                 "eval.winograd_min_pixels=1"] if fold else ["eval.winograd=off"])  # fmt: skip
         cfg = m2det_jax.load_config(CONFIG, OVERRIDES + [f"eval.fold_batchnorm={fold}",
-                                                         "postprocess.score_threshold=0.05"])
+                                                         "postprocess.score_threshold=0.05",
+                                                         *wino])  # fmt: skip
         v = tiny_variables(cfg)
         for tta in (False, True):
             kw = {"tta_sizes": (64, 96), "tta_flip": True} if tta else {}

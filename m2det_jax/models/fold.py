@@ -14,12 +14,16 @@ change; the BatchNorm that normalises the first source (not after a convolution)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from m2det_jax.models import winograd
+from m2det_jax.models.winograd import WINOGRAD
 
 FOLDED = "folded"  # the collection holding the folded convolutions' biases
 EPS = 1e-5  # every BatchNorm of the model uses epsilon=1e-5
@@ -35,6 +39,9 @@ def fold_batchnorm(variables: dict[str, Any]) -> dict[str, Any]:
     rounding. Folding already folded variables returns them unchanged."""
     if FOLDED in variables:
         return variables
+    if WINOGRAD in variables:
+        raise ValueError("fold_batchnorm: fold before prepare_winograd (the transformed "
+                         "kernels would keep the unfolded weights)")
     params = jax.tree.map(np.asarray, jax.device_get(variables["params"]))
     stats = jax.tree.map(np.asarray, jax.device_get(variables.get("batch_stats", {})))
     folded: dict[str, Any] = {}
@@ -88,8 +95,11 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 def apply_inference(model: nn.Module, variables: dict[str, Any], x: jax.Array):
-    """`model.apply(variables, x, train=False)`, for plain or `fold_batchnorm`ed variables."""
-    if FOLDED not in variables:
-        return model.apply(variables, x, train=False)
-    with nn.intercept_methods(_interceptor):
+    """`model.apply(variables, x, train=False)`, for plain, `fold_batchnorm`ed and / or
+    `prepare_winograd`ed variables."""
+    with contextlib.ExitStack() as stack:
+        if FOLDED in variables:
+            stack.enter_context(nn.intercept_methods(_interceptor))
+        if WINOGRAD in variables:  # inside the folding: its bias is added after the conv
+            stack.enter_context(nn.intercept_methods(winograd.interceptor))
         return model.apply(variables, x, train=False)
