@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     print(f"CPU: {runtime.cpu_model()}, {jax.devices()[0].device_kind}")
-    print("| config | input [H, W, C] -> K | layers | planned | direct ms | Winograd ms "
+    print("| config | input [H, W, C] -> K, padding | layers | planned | direct ms | Winograd ms "
           "| Winograd / direct | max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.configs:
@@ -72,7 +72,8 @@ def main():
             seen.add(key(c))
             d, w, err = time_layer(c, args.iters)
             _, h, wd, ch = c.input_shape
-            print(f"| {name} | [{h}, {wd}, {ch}] -> {c.features} | {count[key(c)]} | "
+            print(f"| {name} | [{h}, {wd}, {ch}] -> {c.features}, {c.padding[0]} | "
+                  f"{count[key(c)]} | "
                   f"{'yes' if c.path in chosen else 'no'} | {1e3 * d:.1f} | {1e3 * w:.1f} | "
                   f"{w / d:.2f} | {err:.1e} |", flush=True)
 
