@@ -128,16 +128,14 @@ def test_generalised_paths(overrides):
     s = cfg.model.input_size
     x = jax.random.normal(jax.random.key(1), (2, s, s, 3)) * 50
     variables = jax.jit(model.init)(jax.random.key(0), x)
-    out = model.apply(variables, x, train=False)
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     p = prior_boxes(cfg).shape[0]
     assert out["loc"].shape == (2, p, 4)
     assert out["logits"].shape == (2, p, cfg.model.num_classes)
     assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
-    jitted = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    for k in out:
-        np.testing.assert_allclose(jitted[k], out[k], rtol=1e-4, atol=1e-4)
     # Training mode updates BatchNorm statistics and keeps shapes.
-    out_t, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    out_t, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x)
     assert out_t["loc"].shape == out["loc"].shape
     assert jax.tree.structure(upd["batch_stats"]) == jax.tree.structure(
         variables["batch_stats"])

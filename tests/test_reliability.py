@@ -110,10 +110,10 @@ def _wait(predicate, proc, timeout=300.0) -> bool:
 
 
 def test_kill_9_at_random_moments_resumes_to_the_same_run(runs, tmp_path):
-    """Five SIGKILLs: mid-step, mid-async-save, mid-evaluation and two at random; each
+    """Four SIGKILLs: mid-step, mid-async-save, mid-evaluation and one at random; each
     restart resumes from the newest complete checkpoint, and the end equals an
     uninterrupted run's (losses of every step, parameters)."""
-    env, steps = runs["env"], 14
+    env, steps = runs["env"], 12
     args = ["train", None, steps, "--data", runs["data"], "--eval",
             "--set", "train.checkpoint_every=1", "--set", "train.eval_every=4",
             "--set", "postprocess.keep_per_class=5",
@@ -127,7 +127,7 @@ def test_kill_9_at_random_moments_resumes_to_the_same_run(runs, tmp_path):
         return ckpt_dir.is_dir() and any("tmp" in p.name for p in ckpt_dir.iterdir())
 
     rng = random.Random(0)
-    moments = ["step", "save", "eval", "random", "random"]
+    moments = ["step", "save", "eval", "random"]
     for moment in moments:
         before = len(_rows(wd))
         complete = _steps(wd)
