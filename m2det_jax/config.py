@@ -92,9 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.fold_batchnorm = False
     # Winograd F(4x4, 3x3) for the wide 3x3 convolutions in evaluation, `m2det detect` and
     # `m2det export` (`models.prepare_winograd`): ~4x less arithmetic on those layers,
-    # outputs within ~1e-5 of the layer's largest value. "auto": on when JAX's backend is
-    # the CPU and the model float32 (GPU/TPU libraries pick their own algorithms); "on";
-    # "off" (the direct convolution, bit-equal to `model.apply`).
+    # outputs within ~2e-5 of the layer's largest value (float32 transformed kernels).
+    # "auto": on when JAX's backend is the CPU and the model float32 (GPU/TPU libraries
+    # pick their own algorithms); "on"; "off" (the direct convolution, bit-equal to
+    # `model.apply`).
     c.eval.winograd = "auto"
     # Which convolutions Winograd takes (`models.winograd.plan`): input and output channels
     # >= min_channels and output pixels >= min_pixels. Chosen from per-layer timings on

@@ -73,15 +73,31 @@ def test_plan_takes_only_wide_stride1_3x3_convolutions():
     assert len(plan(model, shape, min_channels=8, min_pixels=64)) < len(paths)
 
 
+def _perturbed(cfg, seed=0):
+    """tiny_variables with non-trivial BatchNorm statistics and biases (folded biases and
+    the heads' own biases are then non-zero: a dropped bias shows)."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, a):
+        name = str(getattr(path[-1], "key", ""))
+        if name in ("scale", "mean", "var"):
+            return a + jnp.asarray(rng.uniform(0.1, 0.5, a.shape), a.dtype)
+        if name == "bias":
+            return a + jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype)
+        return a
+
+    return jax.tree_util.tree_map_with_path(perturb, tiny_variables(cfg))
+
+
 def test_winograd_network_equals_direct_and_composes_with_folding():
     cfg = load_config(config_path("tiny"), OVERRIDES + LOW)
     model = build_model(cfg)
-    v = tiny_variables(cfg)
+    v = _perturbed(cfg)
     x = jnp.asarray(np.random.default_rng(2).normal(0, 50, (2, 64, 64, 3)), jnp.float32)
     fn = jax.jit(lambda v, x: apply_inference(model, v, x))
     ref = fn(v, x)
     w = prepare_winograd(model, v, x.shape, min_channels=8, min_pixels=1)
-    assert jax.tree.leaves(w[WINOGRAD])
+    assert len(jax.tree.leaves(w[WINOGRAD])) > 20
     both = prepare_variables(cfg, v)  # the config route: the same plan
     assert jax.tree.structure(both[WINOGRAD]) == jax.tree.structure(w[WINOGRAD])
     folded = prepare_winograd(model, fold_batchnorm(v), x.shape, min_channels=8, min_pixels=1)
@@ -90,9 +106,29 @@ def test_winograd_network_equals_direct_and_composes_with_folding():
         for key in ("loc", "logits"):
             a, b = np.asarray(ref[key]), np.asarray(out[key])
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
-            assert not np.array_equal(a, b)  # the Winograd path really ran
+    # The transformed kernels are what runs: zeroing them changes the outputs.
+    broken = {**w, WINOGRAD: jax.tree.map(jnp.zeros_like, w[WINOGRAD])}
+    out = fn(broken, x)
+    a = np.asarray(ref["logits"])
+    assert np.abs(np.asarray(out["logits"]) - a).max() > 1e-2 * np.abs(a).max()
     with pytest.raises(ValueError, match="fold before prepare_winograd"):
         fold_batchnorm(w)
+
+
+def test_bfloat16_stored_weights_keep_float32_winograd_kernels():
+    """`m2det export --bf16` stores bfloat16 weights: the transformed kernels stay float32
+    and the network equals the direct convolutions on the same (rounded) weights."""
+    cfg = load_config(config_path("tiny"), OVERRIDES + LOW)
+    model = build_model(cfg)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _perturbed(cfg, seed=1))
+    w = prepare_winograd(model, bf16, (1, 64, 64, 3), min_channels=8, min_pixels=1)
+    assert {a.dtype for a in jax.tree.leaves(w[WINOGRAD])} == {jnp.dtype("float32")}
+    as32 = lambda t: jax.tree.map(  # noqa: E731 - what the served function does
+        lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, t)
+    x = jnp.asarray(np.random.default_rng(3).normal(0, 50, (1, 64, 64, 3)), jnp.float32)
+    fn = jax.jit(lambda v, x: apply_inference(model, v, x))
+    a, b = np.asarray(fn(as32(bf16), x)["logits"]), np.asarray(fn(as32(w), x)["logits"])
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
 
 
 def test_winograd_setting_resolves_and_is_checked():

@@ -10,7 +10,7 @@ is cut ~4x on the layers it replaces, at the price of moving transformed tiles t
 memory, so it pays only where channels are many and pictures not tiny (`plan`).
 
 Results differ from the direct convolution by float32 rounding amplified by the
-transform's constants: ~1e-5 of the layer's largest output (tested). It is meant for
+transform's constants: up to ~2e-5 of the layer's largest output (tested). It is meant for
 XLA:CPU, whose direct convolutions already run near the machine's matmul peak; GPU and
 TPU libraries choose their own algorithms, so leave it off there.
 
@@ -56,14 +56,15 @@ _AT = np.array([[1, 1, 1, 1, 1, 0],
 
 @jax.jit
 def winograd_kernel(kernel: jax.Array) -> jax.Array:
-    """[3, 3, C, K] HWIO kernel -> [36, C, K] transformed kernel G g G^T, on the kernel's
-    device, in its dtype (float32 math at full precision)."""
+    """[3, 3, C, K] HWIO kernel -> [36, C, K] transformed kernel G g G^T in float32, on the
+    kernel's device, whatever the kernel's dtype: its constants (1/24 ... 1) and the
+    output transform's (up to 8) would amplify a bfloat16 rounding of the result ~20x."""
     if kernel.ndim != 4 or kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_kernel: expected a [3, 3, C, K] kernel, got {kernel.shape}")
     g = jnp.asarray(_G, jnp.float32)
     u = jnp.einsum("xi,ijck,yj->xyck", g, kernel.astype(jnp.float32), g,
                    precision=jax.lax.Precision.HIGHEST)  # fmt: skip
-    return u.reshape(T * T, *kernel.shape[2:]).astype(kernel.dtype)
+    return u.reshape(T * T, *kernel.shape[2:])
 
 
 def winograd_conv(x: jax.Array, u: jax.Array, padding: tuple[int, int]) -> jax.Array:
