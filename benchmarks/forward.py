@@ -55,6 +55,8 @@ def versus_original(cfg, path: str, iters: int) -> dict:
     runs = {"apply": lambda: jax.block_until_ready(apply(variables, x)),
             "inference": lambda: jax.block_until_ready(inference(prepared, x)),
             "original": lambda: net(xt)}  # fmt: skip
+    ref = np.asarray(apply(variables, x)["logits"])
+    diff = np.abs(np.asarray(inference(prepared, x)["logits"]) - ref).max() / np.abs(ref).max()
     times = {k: [] for k in runs}
     with torch.no_grad():
         for k in runs:  # warm-up (and compile)
@@ -66,7 +68,8 @@ def versus_original(cfg, path: str, iters: int) -> dict:
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
-    return {f"{k}_s": float(np.median(v)) for k, v in times.items()}
+    return {**{f"{k}_s": float(np.median(v)) for k, v in times.items()},
+            "logits_rel_diff": float(diff)}
 
 
 def measure(args) -> None:
@@ -119,13 +122,15 @@ def main():
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows += [(setting, json.loads(line)) for line in out.splitlines() if line.startswith("{")]
     if args.vs_original:
+        # The last column: max |inference - apply| / max |apply| of the logits.
         print("| config | XLA flags | apply s/img | inference s/img | original s/img "
-              "| apply / original | inference / original |")
-        print("|---|---|---|---|---|---|---|")
+              "| apply / original | inference / original | logits rel. diff |")
+        print("|---|---|---|---|---|---|---|---|")
         for setting, r in sorted(rows, key=lambda x: x[1]["config"]):
             o = r["original_s"]
             print(f"| {r['config']} | {setting} | {r['apply_s']:.3f} | {r['inference_s']:.3f} "
-                  f"| {o:.3f} | {r['apply_s'] / o:.2f} | {r['inference_s'] / o:.2f} |")
+                  f"| {o:.3f} | {r['apply_s'] / o:.2f} | {r['inference_s'] / o:.2f} "
+                  f"| {r['logits_rel_diff']:.1e} |")
         return
     # GFLOP/s counts the direct convolutions' MACs for both paths (the work the network
     # asks for; Winograd does less arithmetic, so its "% peak" can exceed 100).

@@ -12,7 +12,6 @@ network with `benchmarks/forward.py`.
 
 import argparse
 import time
-from collections import Counter
 
 import jax
 import numpy as np
@@ -55,6 +54,7 @@ def main():
     print("| config | input [H, W, C] -> K, padding | layers | planned | direct ms | Winograd ms "
           "| Winograd / direct | max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
+    planned = []
     for name in args.configs:
         cfg = load_config(name, args.set)
         s = int(cfg.model.input_size)
@@ -63,19 +63,22 @@ def main():
         found = candidates(model, shape)
         chosen = set(plan(model, shape, cfg.eval.winograd_min_channels,
                           cfg.eval.winograd_min_pixels))  # fmt: skip
-        key = lambda c: (c.input_shape, c.features, c.padding)  # noqa: E731
-        count = Counter(key(c) for c in found)
-        seen = set()
+        planned.append((name, [c for c in found if c.path in chosen]))
+        shapes: dict[tuple, list] = {}  # one row per distinct shape, in call order
         for c in found:
-            if key(c) in seen:
-                continue
-            seen.add(key(c))
+            shapes.setdefault((c.input_shape, c.features, c.padding), []).append(c)
+        for group in shapes.values():
+            c = group[0]
             d, w, err = time_layer(c, args.iters)
             _, h, wd, ch = c.input_shape
             print(f"| {name} | [{h}, {wd}, {ch}] -> {c.features}, {c.padding[0]} | "
-                  f"{count[key(c)]} | "
-                  f"{'yes' if c.path in chosen else 'no'} | {1e3 * d:.1f} | {1e3 * w:.1f} | "
-                  f"{w / d:.2f} | {err:.1e} |", flush=True)
+                  f"{len(group)} | {'yes' if c.path in chosen else 'no'} | {1e3 * d:.1f} | "
+                  f"{1e3 * w:.1f} | {w / d:.2f} | {err:.1e} |", flush=True)
+    for name, cs in planned:  # what the plan costs in memory: [36, C, K] float32 kernels
+        gib = sum(36 * c.input_shape[-1] * c.features * 4 for c in cs) / 2**30
+        direct = sum(9 * c.input_shape[-1] * c.features * 4 for c in cs) / 2**30
+        print(f"{name}: {len(cs)} layers planned; transformed kernels {gib:.2f} GiB "
+              f"(the float32 direct kernels they replace: {direct:.2f} GiB)")
 
 
 if __name__ == "__main__":

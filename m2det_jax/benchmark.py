@@ -108,7 +108,7 @@ def format_table(r: dict[str, Any]) -> str:
     """The benchmark result as a fixed-width text table."""
     head = f"input {r['input_size']}, {r['device']} ({r['cpu']}), mean of {r['iters']} iters" + (
         ", random weights" if r["random_weights"] else "") + (
-        ", Winograd convs" if r.get("winograd") else "")  # fmt: skip
+        ", Winograd convs" if r["winograd"] else "")  # fmt: skip
     rows = [
         ("measurement", "compile s", "ms / image", "rate"),
         ("paper: batch 1, net + NMS", f"{r['paper']['compile_s']:.1f}",

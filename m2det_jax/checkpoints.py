@@ -186,15 +186,15 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None,
     meta = read_meta(directory)
     check_signature(meta["model"], cfg, directory)
     check_fingerprint(meta.get("fingerprint"), cfg, directory, allow=allow_config_mismatch)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     train_dir = _train_checkpoints(directory)
     if train_dir is not None:  # a training run: params/batch_stats of its newest good step
-        single = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         handlers = {"state": ocp.StandardCheckpointHandler()}
         with ocp.CheckpointManager(train_dir, item_handlers=handlers) as mngr:
             for step in sorted(mngr.all_steps(), reverse=True):
                 try:  # onto this process's device, whatever mesh wrote it
                     target = jax.tree.map(
-                        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single),
+                        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                         mngr.item_metadata(step)["state"])  # fmt: skip
                     state = mngr.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target)))["state"]  # fmt: skip
@@ -204,7 +204,6 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None,
                 return {"params": state["params"], "batch_stats": state["batch_stats"]}
         raise FileNotFoundError(f"no checkpoint in {train_dir} restores")
     abstract = abstract_variables(cfg)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     modules = meta.get("modules")
     if modules is not None:  # e.g. a backbone-only checkpoint
         abstract = {c: {m: t[m] for m in modules if m in t} for c, t in abstract.items()}

@@ -71,7 +71,7 @@ def stream_split(cfg, variables, *, builder=None, split=None, mesh=None
     fn = make_tta_fn(cfg, sizes, mesh=mesh) if sizes else make_predict_fn(cfg, mesh)
     compact = jax.jit(functools.partial(compact_detections,
                                         cap=int(cfg.get("eval", {}).get("max_detections", 0))))
-    variables = shd.replicate(jax.device_get(prepare_variables(cfg, variables)), mesh)
+    variables = prepare_variables(cfg, variables, mesh)
     for _ in range(its[0].num_batches):
         batches = [next(it) for it in its]  # the same images, in the same order, per size
         batch = batches[0]

@@ -187,10 +187,11 @@ def use_winograd(cfg) -> bool:
                             and str(cfg.model.get("dtype", "float32")) == "float32")  # fmt: skip
 
 
-def prepare_variables(cfg, variables) -> dict:
+def prepare_variables(cfg, variables, mesh: Mesh | None = None) -> dict:
     """`variables` for inference: BatchNorm folded into the convolutions when
     cfg.eval.fold_batchnorm, Winograd kernels added when `use_winograd(cfg)` (planned for
-    cfg.model.input_size; `apply_inference` runs either)."""
+    cfg.model.input_size; `apply_inference` runs either). Replicated on every device of
+    `mesh` when given (folding returns host arrays)."""
     if cfg.get("eval", {}).get("fold_batchnorm", False):
         variables = fold_batchnorm(variables)
     if use_winograd(cfg):
@@ -198,6 +199,8 @@ def prepare_variables(cfg, variables) -> dict:
         variables = prepare_winograd(build_model(cfg), variables, (1, s, s, 3),
                                      min_channels=e.get("winograd_min_channels", 256),
                                      min_pixels=e.get("winograd_min_pixels", 400))  # fmt: skip
+    if mesh is not None:
+        variables = shd.replicate(jax.device_get(variables), mesh)
     return variables
 
 
@@ -227,7 +230,7 @@ def make_detector(
     n_dev = int(mesh.devices.size)
     batch = -(-int(batch_size) // n_dev) * n_dev
     fn = make_tta_fn(cfg, sizes, tta_flip, mesh=mesh) if tta else make_predict_fn(cfg, mesh)
-    variables = shd.replicate(jax.device_get(prepare_variables(cfg, variables)), mesh)
+    variables = prepare_variables(cfg, variables, mesh)
 
     def run(ims):
         n = len(ims)

@@ -64,6 +64,22 @@ def tiny_variables(cfg, seed=0):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def perturbed_variables(cfg, seed=0):
+    """`tiny_variables` with non-trivial BatchNorm statistics (scale, mean, var) and biases,
+    so that folded biases and the heads' own biases are not zero: a dropped bias shows."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, a):
+        name = str(getattr(path[-1], "key", ""))
+        if name in ("scale", "mean", "var"):
+            return a + jnp.asarray(rng.uniform(0.1, 0.5, a.shape), a.dtype)
+        if name == "bias":
+            return a + jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype)
+        return a
+
+    return jax.tree_util.tree_map_with_path(perturb, tiny_variables(cfg, seed))
+
+
 
 def small_data_config(**data):
     """The default config at input 64 with up to 8 boxes, in-process reading, `data.*`

@@ -11,7 +11,7 @@ from m2det_jax.models import apply_inference, fold_batchnorm
 from m2det_jax.models.layers import legacy_nearest_indices, upsample_nearest
 from m2det_jax.reference import seeded_weights
 from m2det_jax.stats import model_summary
-from tests.helpers import config_path, tiny_variables
+from tests.helpers import config_path, perturbed_variables
 
 
 def _slice(x):
@@ -160,13 +160,7 @@ def test_folded_batchnorm_equals_the_unfolded_network():
     cfg = load_config(config_path("tiny"))
     model = build_model(cfg)
     rng = np.random.default_rng(0)
-
-    def perturb(path, a):
-        if str(getattr(path[-1], "key", "")) in ("scale", "mean", "var"):
-            return a + jnp.asarray(rng.uniform(0.1, 0.5, a.shape), a.dtype)
-        return a
-
-    v = jax.tree_util.tree_map_with_path(perturb, tiny_variables(cfg))
+    v = perturbed_variables(cfg)
     f = fold_batchnorm(v)
     assert list(f["batch_stats"]) == ["norm"] and len(jax.tree.leaves(f["folded"])) == 37
     assert fold_batchnorm(f) is f

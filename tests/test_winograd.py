@@ -7,14 +7,9 @@ import pytest
 
 from m2det_jax.config import load_config
 from m2det_jax.models import apply_inference, build_model, fold_batchnorm, prepare_winograd
-from m2det_jax.models.winograd import (
-    WINOGRAD,
-    plan,
-    winograd_conv,
-    winograd_kernel,
-)
+from m2det_jax.models.winograd import WINOGRAD, plan, winograd_conv, winograd_kernel
 from m2det_jax.predict import prepare_variables, use_winograd
-from tests.helpers import OVERRIDES, config_path, tiny_variables
+from tests.helpers import OVERRIDES, config_path, perturbed_variables
 
 LOW = ["eval.winograd=on", "eval.winograd_min_channels=8", "eval.winograd_min_pixels=1"]
 
@@ -73,26 +68,10 @@ def test_plan_takes_only_wide_stride1_3x3_convolutions():
     assert len(plan(model, shape, min_channels=8, min_pixels=64)) < len(paths)
 
 
-def _perturbed(cfg, seed=0):
-    """tiny_variables with non-trivial BatchNorm statistics and biases (folded biases and
-    the heads' own biases are then non-zero: a dropped bias shows)."""
-    rng = np.random.default_rng(seed)
-
-    def perturb(path, a):
-        name = str(getattr(path[-1], "key", ""))
-        if name in ("scale", "mean", "var"):
-            return a + jnp.asarray(rng.uniform(0.1, 0.5, a.shape), a.dtype)
-        if name == "bias":
-            return a + jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype)
-        return a
-
-    return jax.tree_util.tree_map_with_path(perturb, tiny_variables(cfg))
-
-
 def test_winograd_network_equals_direct_and_composes_with_folding():
     cfg = load_config(config_path("tiny"), OVERRIDES + LOW)
     model = build_model(cfg)
-    v = _perturbed(cfg)
+    v = perturbed_variables(cfg)
     x = jnp.asarray(np.random.default_rng(2).normal(0, 50, (2, 64, 64, 3)), jnp.float32)
     fn = jax.jit(lambda v, x: apply_inference(model, v, x))
     ref = fn(v, x)
@@ -120,7 +99,7 @@ def test_bfloat16_stored_weights_keep_float32_winograd_kernels():
     and the network equals the direct convolutions on the same (rounded) weights."""
     cfg = load_config(config_path("tiny"), OVERRIDES + LOW)
     model = build_model(cfg)
-    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _perturbed(cfg, seed=1))
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), perturbed_variables(cfg, seed=1))
     w = prepare_winograd(model, bf16, (1, 64, 64, 3), min_channels=8, min_pixels=1)
     assert {a.dtype for a in jax.tree.leaves(w[WINOGRAD])} == {jnp.dtype("float32")}
     as32 = lambda t: jax.tree.map(  # noqa: E731 - what the served function does

@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) convolution for inference on CPU (opt-in, float32 only).
+"""Winograd F(4x4, 3x3) convolution for inference (float32; on by default on a CPU through
+`eval.winograd="auto"`, see `predict.prepare_variables`).
 
 A 3x3 stride-1 convolution computes each 4x4 block of outputs from a 6x6 input tile with
 144 multiplications per input / output channel pair; Winograd's minimal filtering
@@ -58,7 +59,8 @@ _AT = np.array([[1, 1, 1, 1, 1, 0],
 def winograd_kernel(kernel: jax.Array) -> jax.Array:
     """[3, 3, C, K] HWIO kernel -> [36, C, K] transformed kernel G g G^T in float32, on the
     kernel's device, whatever the kernel's dtype: its constants (1/24 ... 1) and the
-    output transform's (up to 8) would amplify a bfloat16 rounding of the result ~20x."""
+    output transform's (up to 8) would amplify a bfloat16 rounding of the result far
+    beyond that of bfloat16 weights."""
     if kernel.ndim != 4 or kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_kernel: expected a [3, 3, C, K] kernel, got {kernel.shape}")
     g = jnp.asarray(_G, jnp.float32)
