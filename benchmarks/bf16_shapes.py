@@ -15,9 +15,9 @@ import argparse
 import tempfile
 import time
 
-from m2det_jax import runtime
 from m2det_jax.config import load_config
-from m2det_jax.train import train_and_evaluate
+from m2det_jax.perf import runtime
+from m2det_jax.train.loop import train_and_evaluate
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from m2det_jax.coco_eval import coco_evaluate, coco_results_array, to_coco_results
-from m2det_jax.runtime import cpu_model
+from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array, to_coco_results
+from m2det_jax.perf.runtime import cpu_model
 
 
 def make_data(n_images: int, per_image: int, seed: int = 0):

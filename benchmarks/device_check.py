@@ -21,10 +21,10 @@ import time
 
 import jax
 
-from m2det_jax import runtime
-from m2det_jax.benchmark import run_benchmark
 from m2det_jax.config import load_config
-from m2det_jax.costs import time_train_step
+from m2det_jax.perf import runtime
+from m2det_jax.perf.benchmark import run_benchmark
+from m2det_jax.perf.costs import time_train_step
 
 HEAD = ("config", "dtype", "paper FPS", "infer img/s", "post ms/img", "train img/s", "MFU",
         "peak GiB", "step GFLOP/img", "compile s")  # fmt: skip

@@ -20,9 +20,9 @@ import tracemalloc
 import jax
 import numpy as np
 
-from m2det_jax.coco_eval import coco_results_array
-from m2det_jax.evaluate import DETECTION_KEYS, compact_detections
-from m2det_jax.runtime import cpu_model
+from m2det_jax.evaluation.coco import coco_results_array
+from m2det_jax.evaluation.stream import DETECTION_KEYS, compact_detections
+from m2det_jax.perf.runtime import cpu_model
 
 K, BATCH, CATS = 4000, 64, list(range(1, 81))
 

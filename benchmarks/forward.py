@@ -28,11 +28,11 @@ import time
 import jax
 import numpy as np
 
-from m2det_jax import runtime
-from m2det_jax.benchmark import forward_speed, peak_gflops
 from m2det_jax.config import load_config
+from m2det_jax.inference.variables import prepare_variables
 from m2det_jax.models import apply_inference, build_model
-from m2det_jax.predict import prepare_variables
+from m2det_jax.perf import runtime
+from m2det_jax.perf.benchmark import forward_speed, peak_gflops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from original_net import build_original  # noqa: E402 - benchmarks/ is not a package

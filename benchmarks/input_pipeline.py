@@ -42,8 +42,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from m2det_jax.config import default_config
-from m2det_jax.data import augment, device_augment, open_builder, pipeline
-from m2det_jax.runtime import cpu_model
+from m2det_jax.data import augment_device as device_augment
+from m2det_jax.data import augment_host as augment
+from m2det_jax.data import open_builder, pipeline
+from m2det_jax.perf.runtime import cpu_model
 
 MEANS_BGR = (104, 117, 123)
 

@@ -31,7 +31,7 @@ Columns:
 case takes seconds). The three sides of a row run interleaved, in slices of ~0.2 s round
 robin, so that they share the machine's slow and fast phases (this 2-core machine is
 noisy: a block of seconds of one side alone can land in a phase the other never sees).
-`--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first (glibc keeps freed
+`--malloc kept` calls `m2det_jax.perf.runtime.keep_freed_memory()` first (glibc keeps freed
 memory for reuse instead of unmapping it), for both sides; the default leaves the
 allocator as it is.
 """
@@ -45,10 +45,11 @@ import time
 import jax
 import numpy as np
 
-from m2det_jax import postprocess, runtime
 from m2det_jax.config import default_config
-from m2det_jax.postprocess import layouts
-from m2det_jax.priors import prior_boxes
+from m2det_jax.core.priors import prior_boxes
+from m2det_jax.inference import postprocess
+from m2det_jax.inference.postprocess import layouts
+from m2det_jax.perf import runtime
 
 F32 = np.float32
 
@@ -209,7 +210,7 @@ def main():
     ap.add_argument("--full-repeats", type=int, default=5,
                     help="repeats of 'np full' (fewer once 5 s are spent)")
     ap.add_argument("--malloc", choices=("default", "kept"), default="default",
-                    help="kept: glibc keeps freed memory (m2det_jax.runtime.keep_freed_memory)")
+                    help="kept: glibc keeps freed memory (m2det_jax.perf.runtime.keep_freed_memory)")
     args = ap.parse_args()
     malloc = args.malloc
     if malloc == "kept" and not runtime.keep_freed_memory():

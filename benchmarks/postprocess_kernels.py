@@ -25,7 +25,7 @@ primitive facts behind the plain code's own form. Prints the CPU model, then:
     implementation (`fast=False`) vs the fast path on a typical, a crowded and a dense
     batch.
 Each timing is the median of at least --min-s seconds of calls; the pairs run interleaved.
-`--malloc kept` calls `m2det_jax.runtime.keep_freed_memory()` first (glibc keeps freed
+`--malloc kept` calls `m2det_jax.perf.runtime.keep_freed_memory()` first (glibc keeps freed
 memory instead of unmapping it, for both sides of every pair): XLA:CPU allocates each
 call's temporaries afresh, and above glibc's mmap threshold every touched page faults, so
 the dense and crowded rows depend on the allocator's state by default.
@@ -43,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from m2det_jax import postprocess as pp
-from m2det_jax import runtime
 from m2det_jax.config import default_config
-from m2det_jax.postprocess import layouts, loops, plain, scoring, untied
-from m2det_jax.priors import prior_boxes
+from m2det_jax.core.priors import prior_boxes
+from m2det_jax.inference import postprocess as pp
+from m2det_jax.inference.postprocess import layouts, loops, plain, scoring, untied
+from m2det_jax.perf import runtime
 
 F32 = np.float32
 

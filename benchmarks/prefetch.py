@@ -20,14 +20,15 @@ import time
 import jax
 import tensorflow_datasets as tfds
 
+from m2det_jax import distributed as shd
 from m2det_jax import load_config
-from m2det_jax import sharding as shd
+from m2det_jax.core.priors import prior_boxes
 from m2det_jax.data import open_builder, pipeline
+from m2det_jax.data.device_feed import DevicePrefetch
 from m2det_jax.models import build_model
-from m2det_jax.optim import learning_rate_schedule, make_optimizer
-from m2det_jax.priors import prior_boxes
-from m2det_jax.runtime import cpu_model
-from m2det_jax.train_step import TrainState, make_train_step
+from m2det_jax.perf.runtime import cpu_model
+from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.train.step import TrainState, make_train_step
 
 
 def main() -> None:
@@ -84,7 +85,7 @@ def main() -> None:
         jax.block_until_ready(s)
         keep("train step alone", time.perf_counter() - t)
         for size in args.sizes:
-            batches = shd.DevicePrefetch(data(), mesh, size)
+            batches = DevicePrefetch(data(), mesh, size)
             s, _ = step(state, next(batches))
             jax.block_until_ready(s)
             t = time.perf_counter()

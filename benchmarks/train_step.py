@@ -12,13 +12,13 @@ import time
 import jax
 import numpy as np
 
-from m2det_jax import runtime
-from m2det_jax import sharding as shd
+from m2det_jax import distributed as shd
 from m2det_jax.config import load_config
+from m2det_jax.core.priors import prior_boxes
 from m2det_jax.models import build_model
-from m2det_jax.optim import learning_rate_schedule, make_optimizer
-from m2det_jax.priors import prior_boxes
-from m2det_jax.train_step import TrainState, make_train_step
+from m2det_jax.perf import runtime
+from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.train.step import TrainState, make_train_step
 
 
 def main():

@@ -16,10 +16,10 @@ import time
 import jax
 import numpy as np
 
-from m2det_jax import runtime
 from m2det_jax.config import load_config
 from m2det_jax.models import build_model
 from m2det_jax.models.winograd import candidates, plan, winograd_conv, winograd_kernel
+from m2det_jax.perf import runtime
 
 
 def time_layer(c, iters: int) -> tuple[float, float, float]:

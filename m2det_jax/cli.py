@@ -12,25 +12,22 @@ import json
 import os
 import sys
 
-from m2det_jax import data, runtime
-from m2det_jax.annotate import detect_files
-from m2det_jax.benchmark import format_table, run_benchmark
-from m2det_jax.checkpoints import (
-    ConfigMismatchError,
-    load_variables,
-    read_labels,
-    save_variables,
-)
+from m2det_jax import data
+from m2det_jax.checkpoints.torch_convert import convert_torch_state_dict
+from m2det_jax.checkpoints.variables import load_variables, read_labels, save_variables
 from m2det_jax.config import load_config, run_config_file, shipped_configs
-from m2det_jax.convert import CheckpointMismatchError, convert_torch_state_dict
-from m2det_jax.costs import format_cost_table, time_train_step, train_step_cost
-from m2det_jax.evaluate import evaluate_variables
-from m2det_jax.export import export
+from m2det_jax.distributed import initialize_distributed
+from m2det_jax.errors import CheckpointMismatchError, ConfigMismatchError, NonFiniteLossError
+from m2det_jax.evaluation.driver import evaluate_variables
+from m2det_jax.inference.export import export
+from m2det_jax.inference.image_files import detect_files
 from m2det_jax.paths import as_path, as_str, join
-from m2det_jax.sharding import initialize_distributed
-from m2det_jax.stats import count_params, model_summary
-from m2det_jax.train import NonFiniteLossError, train_and_evaluate
-from m2det_jax.verify import verify_reference
+from m2det_jax.perf import runtime
+from m2det_jax.perf.benchmark import format_table, run_benchmark
+from m2det_jax.perf.costs import format_cost_table, time_train_step, train_step_cost
+from m2det_jax.perf.stats import count_params, model_summary
+from m2det_jax.perf.verify import verify_reference
+from m2det_jax.train.loop import train_and_evaluate
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -4,7 +4,7 @@ import jax
 import pytest
 import tensorflow_datasets as tfds
 
-from m2det_jax.data.shapes import build_shapes
+from m2det_jax.data.sources.shapes import build_shapes
 from m2det_jax.reference import load_fixture
 
 tfds.disable_progress_bar()

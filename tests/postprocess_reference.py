@@ -13,8 +13,8 @@ and order exact, boxes within 1e-3 px, scores within 1e-6.
 import jax
 import numpy as np
 
-from m2det_jax import postprocess as pp
 from m2det_jax.config import default_config
+from m2det_jax.inference import postprocess as pp
 
 F32 = np.float32
 

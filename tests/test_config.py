@@ -104,8 +104,8 @@ def test_shapes_anchors_give_several_positives_per_object():
     import jax.numpy as jnp
 
     import m2det_jax
-    from m2det_jax.data.shapes import make_example
-    from m2det_jax.losses import match
+    from m2det_jax.data.sources.shapes import make_example
+    from m2det_jax.train.losses import match
 
     boxes, labels, valid = [], [], []
     for i in range(100):

@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 
 from m2det_jax import build_model, convert_torch_state_dict, load_config
-from m2det_jax.checkpoints import ConfigMismatchError, load_variables
+from m2det_jax.checkpoints.torch_convert import key_table, to_torch_state_dict
+from m2det_jax.checkpoints.variables import load_variables, merge_variables
 from m2det_jax.cli import main as cli_main
-from m2det_jax.convert import (
-    CheckpointMismatchError,
-    key_table,
-    merge_variables,
-    to_torch_state_dict,
-)
+from m2det_jax.errors import CheckpointMismatchError, ConfigMismatchError
 from m2det_jax.reference import seeded_weights
 from tests.helpers import config_path
 

@@ -9,7 +9,7 @@ import pytest
 
 from m2det_jax import load_config
 from m2det_jax.cli import main
-from m2det_jax.costs import format_cost_table, peak_tflops, train_step_cost
+from m2det_jax.perf.costs import format_cost_table, peak_tflops, train_step_cost
 from tests.helpers import OVERRIDES, ROOT, config_path
 
 

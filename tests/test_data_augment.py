@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from m2det_jax.data import augment
-from m2det_jax.preprocess import normalize
+from m2det_jax.core.preprocess import normalize
+from m2det_jax.data import augment_host as augment
 
 
 def _rect_image(h=60, w=80, box=(20, 10, 50, 40)):

@@ -10,10 +10,10 @@ import pytest
 import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
-from m2det_jax import box_ops
+from m2det_jax.core import box_ops
 from m2det_jax.data import builders, coco_json, pipeline, records, schema
-from m2det_jax.data.coco_folder import build_coco_folder
-from m2det_jax.data.shapes import build_shapes, encode_png
+from m2det_jax.data.sources.coco_folder import build_coco_folder
+from m2det_jax.data.sources.shapes import build_shapes, encode_png
 from tests.helpers import small_data_config, stored_records
 
 # ------------------------------------------------------------------------- shapes
@@ -302,8 +302,8 @@ def test_open_builder_shapes_from_config(tmp_path):
 def test_coco_folder_without_iscrowd_or_area_builds_and_evaluates(tmp_path):
     """Labelling tools often omit the optional fields: filled once at the build (counted),
     and evaluation scores against the stored records, never the raw JSON."""
-    from m2det_jax.coco_eval import coco_evaluate
-    from m2det_jax.evaluate import official_annotations
+    from m2det_jax.evaluation.coco import coco_evaluate
+    from m2det_jax.evaluation.driver import official_annotations
 
     images, anns = [], []
     for i in range(1, 4):
@@ -333,7 +333,7 @@ def test_coco_folder_without_iscrowd_or_area_builds_and_evaluates(tmp_path):
 def test_missing_eval_split_is_found_before_training(tmp_path):
     """A coco_folder without eval_annotation_file has no validation split: training says
     so up front and skips the evaluation instead of failing at the end."""
-    from m2det_jax.train import missing_eval_split
+    from m2det_jax.train.data_state import missing_eval_split
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "1.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))

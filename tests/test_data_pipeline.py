@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from m2det_jax.data import augment, iterator, pipeline, records
+from m2det_jax.data import augment_host as augment
+from m2det_jax.data import iterator, pipeline, records
 from tests.helpers import small_data_config, stored_records
 
 
@@ -126,7 +127,7 @@ def test_worker_processes_match_in_process_and_resume(shapes_builder):
 def _coco_folder(tmp_path, n_images, n_corrupt):
     """A coco_folder of n_images PNGs with one box each, the first n_corrupt not images."""
     from m2det_jax.data.builders import open_builder
-    from m2det_jax.data.shapes import encode_png
+    from m2det_jax.data.sources.shapes import encode_png
 
     (tmp_path / "images").mkdir()
     images, anns = [], []

@@ -11,7 +11,7 @@ import numpy as np
 
 from m2det_jax import data
 from m2det_jax.data import records
-from m2det_jax.data.shapes import encode_png
+from m2det_jax.data.sources.shapes import encode_png
 
 DATA_DIR = pathlib.Path(data.__file__).parent
 # Data-flow order: a module may import only modules listed before it.

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from m2det_jax import data, load_config
-from m2det_jax.coco_eval import coco_evaluate, to_coco_results
-from m2det_jax.evaluate import voc_metrics
+from m2det_jax.evaluation.coco import coco_evaluate, to_coco_results
+from m2det_jax.evaluation.driver import voc_metrics
+from m2det_jax.evaluation.voc import is_voc
 from tests.helpers import (
     OVERRIDES,
     config_path,
@@ -53,7 +54,7 @@ def test_voc_folder_builds_validates_and_reads(tmp_path):
     cfg = _voc_cfg(root, tmp_path / "tfds")
     builder = data.open_builder(cfg)
     assert data.class_names(builder) == sorted(CLASSES)  # inferred, sorted
-    assert data.is_voc(builder)
+    assert is_voc(builder)
     stats = builder.info.metadata["build_stats"]
     assert (stats["bad_xml"], stats["bad_images"], stats["bad_boxes"]) == (1, 1, 1)
     assert any("000001.xml" in s for s in stats["skipped_files"])
@@ -175,10 +176,10 @@ def test_tfds_voc0712_reads_concatenates_and_scores(tmp_path, monkeypatch):
         f"data.data_dir={data_dir}", "data.num_workers=0", "data.max_boxes=8"])  # fmt: skip
     assert cfg.data.dataset == "voc"
     builder = data.open_builder(cfg)  # voc/2007, read-only, from the prepared files
-    assert data.is_voc(builder) and len(data.class_names(builder)) == 20
+    assert is_voc(builder) and len(data.class_names(builder)) == 20
     # 2007 "trainval" = train + validation (8), then 2012's (5): one source of 13 records.
     from m2det_jax.data.builders import train_source
-    from m2det_jax.train import tfds_train_data
+    from m2det_jax.train.data_state import tfds_train_data
 
     assert len(train_source(cfg, builder)) == 13
     assert tfds_train_data(cfg)[1] == 13  # the epoch length training uses
@@ -202,7 +203,7 @@ def test_voc_config_reads_a_voc_folder_as_is(tmp_path, voc_root):
         "model.num_classes=4", "data.num_workers=0"])  # fmt: skip
     builder = data.open_builder(cfg)
     from m2det_jax.data.builders import train_source
-    from m2det_jax.evaluate import metric_of
+    from m2det_jax.evaluation.driver import metric_of
 
     assert len(train_source(cfg, builder)) == 12 and metric_of(cfg, builder) == "voc"
     assert len(data.data_source(builder, cfg.data.eval_split)) == 6
@@ -215,8 +216,8 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
     loads, and the log names each head tensor left out."""
     import jax
 
-    from m2det_jax.checkpoints import load_init_variables, load_variables, read_labels
-    from m2det_jax.train import train_and_evaluate
+    from m2det_jax.checkpoints.variables import load_init_variables, load_variables, read_labels
+    from m2det_jax.train.loop import train_and_evaluate
 
     five = ("a", "b", "c", "d", "e")
     write_voc_folder(str(tmp_path / "five"), five, {"trainval": 16, "test": 4}, per_image=3)

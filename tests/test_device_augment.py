@@ -9,7 +9,8 @@ import cv2
 import jax
 import numpy as np
 
-from m2det_jax.data import augment, device_augment
+from m2det_jax.data import augment_device as device_augment
+from m2det_jax.data import augment_host as augment
 
 B, C, S, G = 256, 64, 32, 4  # batch, input canvas side, output side, box slots
 SAMPLE = jax.jit(device_augment.sample_params)

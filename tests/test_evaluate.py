@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from m2det_jax import data, load_config
-from m2det_jax.coco_eval import METRIC_NAMES, coco_evaluate, coco_results_array, to_coco_results
+from m2det_jax.evaluation.coco import (
+    METRIC_NAMES,
+    coco_evaluate,
+    coco_results_array,
+    to_coco_results,
+)
 from tests.helpers import (
     OVERRIDES,
     assert_same_detections,
@@ -148,7 +153,8 @@ def test_tta_eval_scores_every_image_once(shapes, tmp_path):
     the merge's decode round trip); two sizes + flip merge four passes per image and still
     score every image of the split once, written to eval_metrics.json."""
     from m2det_jax import load_config
-    from m2det_jax.evaluate import evaluate_variables, predict_split
+    from m2det_jax.evaluation.driver import evaluate_variables
+    from m2det_jax.evaluation.stream import predict_split
 
     data_dir, builder = shapes
     base = [*OVERRIDES, "model.num_classes=5", "data.dataset=shapes", f"data.data_dir={data_dir}",
@@ -173,7 +179,7 @@ def test_tta_eval_scores_every_image_once(shapes, tmp_path):
     assert written["num_detections"] == int(multi["valid"].sum()) == metrics["num_detections"]
     # Streaming scores what the dense path (all K rows of every image at once) scored.
     from m2det_jax import data
-    from m2det_jax.coco_eval import coco_evaluate, coco_results_array
+    from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array
 
     dense = coco_evaluate(data.ground_truth(builder, cfg.data.eval_split), coco_results_array(
         multi["boxes"], multi["scores"], multi["classes"], multi["valid"], multi["image_id"],
@@ -237,8 +243,8 @@ def test_eval_cli_on_two_processes_matches_one(shapes, tmp_path):
     import subprocess
     import sys
 
-    from m2det_jax.checkpoints import save_variables
-    from m2det_jax.evaluate import evaluate_variables
+    from m2det_jax.checkpoints.variables import save_variables
+    from m2det_jax.evaluation.driver import evaluate_variables
 
     data_dir, _ = shapes
     overrides = ["postprocess.keep_per_class=5", "postprocess.candidates_per_class=50",
@@ -276,7 +282,7 @@ def test_eval_cli_on_two_processes_matches_one(shapes, tmp_path):
 def test_compact_detections_keeps_the_top_rows_in_order():
     import jax.numpy as jnp
 
-    from m2det_jax.evaluate import compact_detections
+    from m2det_jax.evaluation.stream import compact_detections
 
     rng = np.random.default_rng(0)
     b, k = 3, 40

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from m2det_jax import build_model, detect, load_config, prior_boxes
-from m2det_jax.checkpoints import load_variables, read_labels, save_variables
-from m2det_jax.export import export, load_saved_model, load_serving, savedmodel_available
-from m2det_jax.preprocess import normalize
+from m2det_jax.checkpoints.variables import load_variables, read_labels, save_variables
+from m2det_jax.core.preprocess import normalize
+from m2det_jax.inference.export import export, load_saved_model, load_serving, savedmodel_available
 from tests.helpers import OVERRIDES, assert_same_detections, config_path, tiny_variables
 
 

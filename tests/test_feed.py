@@ -11,14 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m2det_jax import distributed as shd
 from m2det_jax import load_config
-from m2det_jax import sharding as shd
-from m2det_jax.data import augment, pipeline, records
-from m2det_jax.data.coco_folder import build_coco_folder
-from m2det_jax.predict import prepare_images
-from m2det_jax.preprocess import normalize, preprocess
-from m2det_jax.train import train_and_evaluate
-from m2det_jax.train_step import device_inputs
+from m2det_jax.core.preprocess import normalize, preprocess
+from m2det_jax.data import augment_host as augment
+from m2det_jax.data import pipeline, records
+from m2det_jax.data.device_feed import DevicePrefetch
+from m2det_jax.data.sources.coco_folder import build_coco_folder
+from m2det_jax.inference.predict import prepare_images
+from m2det_jax.train.loop import train_and_evaluate
+from m2det_jax.train.step import device_inputs
 from tests.helpers import OVERRIDES, ROOT, config_path, small_data_config
 
 
@@ -50,7 +52,7 @@ def test_prefetch_keeps_order_and_resume_state(shapes_builder):
         want.append(next(direct))
         states.append(direct.get_state())
     for size in (0, 2):
-        it = shd.DevicePrefetch(_train_iter(shapes_builder), mesh, size)
+        it = DevicePrefetch(_train_iter(shapes_builder), mesh, size)
         for k in range(3):
             got = next(it)
             assert isinstance(got["image"], jax.Array) and got["image"].dtype == jnp.uint8
@@ -60,7 +62,7 @@ def test_prefetch_keeps_order_and_resume_state(shapes_builder):
             assert json.dumps(it.get_state()) == json.dumps(states[k])
         it.close()
     resumed = _train_iter(shapes_builder)
-    p = shd.DevicePrefetch(resumed, mesh, 2)
+    p = DevicePrefetch(resumed, mesh, 2)
     p.set_state(states[2])
     np.testing.assert_array_equal(np.asarray(next(p)["image_id"]), want[3]["image_id"])
     p.close()
@@ -81,7 +83,7 @@ class _Failing:
 
 
 def test_prefetch_raises_the_iterator_error_in_order():
-    it = shd.DevicePrefetch(_Failing(2), shd.make_mesh(), 3)
+    it = DevicePrefetch(_Failing(2), shd.make_mesh(), 3)
     next(it), next(it)
     with pytest.raises(ValueError, match="shard 3"):
         next(it)

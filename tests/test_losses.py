@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from m2det_jax.config import default_config
-from m2det_jax.losses import hard_negatives, match, multibox_loss
-from m2det_jax.priors import prior_boxes
+from m2det_jax.core.priors import prior_boxes
+from m2det_jax.train.losses import hard_negatives, match, multibox_loss
 
 F32 = np.float32
 

@@ -9,8 +9,8 @@ import pytest
 from m2det_jax import build_model, convert_torch_state_dict, load_config
 from m2det_jax.models import apply_inference, fold_batchnorm
 from m2det_jax.models.layers import legacy_nearest_indices, upsample_nearest
+from m2det_jax.perf.stats import model_summary
 from m2det_jax.reference import seeded_weights
-from m2det_jax.stats import model_summary
 from tests.helpers import config_path, perturbed_variables
 
 

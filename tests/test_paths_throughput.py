@@ -20,13 +20,14 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
 from m2det_jax import load_config
-from m2det_jax.coco_eval import coco_evaluate
 from m2det_jax.config import default_config
-from m2det_jax.costs import train_step_cost
-from m2det_jax.data import coco_folder, coco_json
+from m2det_jax.data import coco_json
+from m2det_jax.data.sources import coco_folder
+from m2det_jax.evaluation.coco import coco_evaluate
 from m2det_jax.paths import as_str, is_uri, join
-from m2det_jax.runlog import MetricsLog, write_run_info
-from m2det_jax.train import train_and_evaluate
+from m2det_jax.perf.costs import train_step_cost
+from m2det_jax.train.loop import train_and_evaluate
+from m2det_jax.train.writers import MetricsLog, write_run_info
 from tests.helpers import OVERRIDES, config_path
 
 
@@ -112,8 +113,8 @@ def test_run_files_and_tensorboard_go_to_gs(gs):
 
 
 def test_export_detect_and_annotations_on_gs(gs, tmp_path):
-    from m2det_jax.annotate import detect_files
-    from m2det_jax.export import export_jax, load_serving
+    from m2det_jax.inference.export import export_jax, load_serving
+    from m2det_jax.inference.image_files import detect_files
     from tests.helpers import tiny_variables
 
     cfg = load_config(config_path("tiny"), OVERRIDES)

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from m2det_jax import postprocess as pp
 from m2det_jax.config import default_config
-from m2det_jax.postprocess import layouts
-from m2det_jax.priors import prior_boxes
+from m2det_jax.core.priors import prior_boxes
+from m2det_jax.inference import postprocess as pp
+from m2det_jax.inference.postprocess import layouts
 from tests.postprocess_reference import (
     CASES,
     F32,

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2det_jax import postprocess as pp
-from m2det_jax.postprocess import layouts, loops, plain, scoring, tasks, untied
+from m2det_jax.inference import postprocess as pp
+from m2det_jax.inference.postprocess import layouts, loops, plain, scoring, tasks, untied
 from tests.postprocess_reference import F32, clustered_case, make_cfg
 
 KEYS = ("boxes", "scores", "classes", "valid", "num_dropped", "num_tie_dropped")

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from m2det_jax import postprocess as pp
-from m2det_jax.priors import prior_boxes
+from m2det_jax.core.priors import prior_boxes
+from m2det_jax.inference import postprocess as pp
 from tests.postprocess_reference import CASES, F32, case_81_classes, clustered_case, make_cfg
 
 EXACT = ("classes", "valid", "num_dropped", "num_tie_dropped")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from m2det_jax import postprocess as pp
+from m2det_jax.inference import postprocess as pp
 from tests.postprocess_reference import (
     F32,
     clustered_case,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from m2det_jax import load_config, prior_boxes
-from m2det_jax.priors import SIZE_PATTERNS, STEPS, feature_map_sizes
+from m2det_jax.core.priors import SIZE_PATTERNS, STEPS, feature_map_sizes
 from tests.helpers import config_path
 
 

@@ -16,12 +16,9 @@ import numpy as np
 import pytest
 
 from m2det_jax import load_config
-from m2det_jax.checkpoints import (
-    TrainCheckpoints,
-    config_fingerprint,
-    load_variables,
-    model_signature,
-)
+from m2det_jax.checkpoints.fingerprint import config_fingerprint, model_signature
+from m2det_jax.checkpoints.training import TrainCheckpoints
+from m2det_jax.checkpoints.variables import load_variables
 from tests.helpers import (
     ROOT,
     config_path,

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2det_jax import accumulate, build_model, load_config
-from m2det_jax.costs import held_for_backward_bytes
-from m2det_jax.losses import multibox_loss, multibox_loss_sums
+from m2det_jax import build_model, load_config
+from m2det_jax.core.priors import prior_boxes
 from m2det_jax.models import abstract_variables
-from m2det_jax.optim import learning_rate_schedule, make_optimizer
-from m2det_jax.priors import prior_boxes
-from m2det_jax.train_step import TrainState, device_inputs, make_train_step
+from m2det_jax.perf.costs import held_for_backward_bytes
+from m2det_jax.train import accumulate
+from m2det_jax.train.losses import multibox_loss, multibox_loss_sums
+from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.train.step import TrainState, device_inputs, make_train_step
 from tests.helpers import OVERRIDES, SyntheticIterator, config_path, tiny_variables
 
 BATCH = 8

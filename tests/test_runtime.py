@@ -10,7 +10,7 @@ import pytest
 SCRIPT = """
 import sys
 import numpy as np
-from m2det_jax.runtime import keep_freed_memory
+from m2det_jax.perf.runtime import keep_freed_memory
 
 def rss_mb():
     for line in open("/proc/self/status"):
@@ -38,7 +38,8 @@ def test_keep_freed_memory_keeps_a_freed_buffer_resident():
 
 
 def test_cpu_conv_flags_are_opt_in_and_added_once(monkeypatch, tmp_path):
-    from m2det_jax import cli, runtime
+    from m2det_jax import cli
+    from m2det_jax.perf import runtime
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.delenv("M2DET_XLA_CPU_CONV_FLAGS", raising=False)

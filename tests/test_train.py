@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from m2det_jax import load_config
-from m2det_jax.optim import learning_rate_schedule
+from m2det_jax.train.optim import learning_rate_schedule
 from tests.helpers import (
     ROOT,
     config_path,
@@ -88,7 +88,7 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir, shapes):
     # The saved step restores: its variables load for the same config.
     import jax
 
-    from m2det_jax.checkpoints import load_variables
+    from m2det_jax.checkpoints.variables import load_variables
 
     restored = load_variables(wd, load_config(config_path("tiny"), real_overrides(shapes[0])))
     assert set(restored) == {"params", "batch_stats"}
@@ -103,8 +103,8 @@ def _has_rows(wd):
 @pytest.mark.slow
 def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
 
-    from m2det_jax.checkpoints import ConfigMismatchError
-    from m2det_jax.train import train_and_evaluate
+    from m2det_jax.errors import ConfigMismatchError
+    from m2det_jax.train.loop import train_and_evaluate
 
     wd = tmp_path / "run"
     run_worker(["train", str(wd), "1"], worker_env(cache_dir))

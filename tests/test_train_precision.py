@@ -8,11 +8,11 @@ import jax
 import numpy as np
 
 from m2det_jax import load_config
+from m2det_jax.core.priors import prior_boxes
 from m2det_jax.models import build_model
-from m2det_jax.optim import learning_rate_schedule, make_optimizer
-from m2det_jax.priors import prior_boxes
-from m2det_jax.train import train_and_evaluate
-from m2det_jax.train_step import TrainState, make_train_step
+from m2det_jax.train.loop import train_and_evaluate
+from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.train.step import TrainState, make_train_step
 from tests.helpers import OVERRIDES, SyntheticIterator, config_path, make_synthetic
 
 

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from m2det_jax.voc_eval import voc_ap, voc_evaluate
+from m2det_jax.evaluation.voc import voc_ap, voc_evaluate
 
 NAMES = ["cat", "dog", "bird"]
 

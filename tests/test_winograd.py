@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from m2det_jax.config import load_config
+from m2det_jax.inference.variables import prepare_variables, use_winograd
 from m2det_jax.models import apply_inference, build_model, fold_batchnorm, prepare_winograd
 from m2det_jax.models.winograd import WINOGRAD, plan, winograd_conv, winograd_kernel
-from m2det_jax.predict import prepare_variables, use_winograd
 from tests.helpers import OVERRIDES, config_path, perturbed_variables
 
 LOW = ["eval.winograd=on", "eval.winograd_min_channels=8", "eval.winograd_min_pixels=1"]

@@ -37,11 +37,11 @@ def mesh_check(out_path):
     import numpy as np
 
     import m2det_jax
-    from m2det_jax import sharding as shd
+    from m2det_jax import distributed as shd
+    from m2det_jax.core.priors import prior_boxes
     from m2det_jax.models import build_model
-    from m2det_jax.optim import learning_rate_schedule, make_optimizer
-    from m2det_jax.priors import prior_boxes
-    from m2det_jax.train_step import TrainState, make_train_step
+    from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
+    from m2det_jax.train.step import TrainState, make_train_step
     from tests.helpers import SyntheticIterator
 
     assert len(jax.devices()) == 8
@@ -88,8 +88,8 @@ def detect_check(out_path):
     import numpy as np
 
     import m2det_jax
-    from m2det_jax import sharding as shd
-    from m2det_jax.predict import make_detector
+    from m2det_jax import distributed as shd
+    from m2det_jax.inference.detector import make_detector
     from tests.helpers import OVERRIDES, tiny_variables
 
     assert len(jax.devices()) == 8
@@ -167,7 +167,8 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=0.0
         jax.distributed.initialize(addr, int(nproc), int(pid), initialization_timeout=60)
     _enable_cache()
     import m2det_jax
-    from m2det_jax.train import tfds_train_data, train_and_evaluate
+    from m2det_jax.train.data_state import tfds_train_data
+    from m2det_jax.train.loop import train_and_evaluate
     from tests.helpers import SyntheticIterator
 
     overrides = [f"train.num_steps={steps}", "train.log_every=1", "train.checkpoint_every=2",
@@ -205,7 +206,8 @@ def evaluate(data_dir, out_path, addr=None, nproc=None, pid=None):
     if addr:
         jax.distributed.initialize(addr, int(nproc), int(pid), initialization_timeout=60)
     _enable_cache()
-    from m2det_jax.evaluate import evaluate_variables, predict_split
+    from m2det_jax.evaluation.driver import evaluate_variables
+    from m2det_jax.evaluation.stream import predict_split
     from tests.helpers import tiny_variables
 
     out = {"process_count": jax.process_count()}

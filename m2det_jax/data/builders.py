@@ -23,9 +23,9 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
 from m2det_jax.data import coco_json, schema
-from m2det_jax.data.coco_folder import build_coco_folder
-from m2det_jax.data.shapes import build_shapes
-from m2det_jax.data.voc_folder import VOC_CLASSES, build_voc_folder
+from m2det_jax.data.sources.coco_folder import build_coco_folder
+from m2det_jax.data.sources.shapes import build_shapes
+from m2det_jax.data.sources.voc_folder import VOC_CLASSES, build_voc_folder
 from m2det_jax.paths import as_str
 
 

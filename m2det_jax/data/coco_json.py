@@ -14,7 +14,7 @@ import json
 import numpy as np
 import tensorflow_datasets as tfds
 
-from m2det_jax import box_ops
+from m2det_jax.core import box_ops
 from m2det_jax.data import records, schema
 from m2det_jax.paths import as_path, write_text_atomic
 

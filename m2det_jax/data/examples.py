@@ -19,7 +19,8 @@ import cv2
 import grain.python as grain
 import numpy as np
 
-from m2det_jax.data import augment, records
+from m2det_jax.data import augment_host as augment
+from m2det_jax.data import records
 
 
 @dataclasses.dataclass(frozen=True)

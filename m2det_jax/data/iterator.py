@@ -36,6 +36,7 @@ import grain.python as grain
 import numpy as np
 
 from m2det_jax.data import records
+from m2det_jax.errors import BadDataError
 
 # Per-example keys stacked into a batch (`mask` is added by the iterator).
 BATCH_KEYS = ("image", "boxes", "labels", "valid", "image_id", "image_sizes")
@@ -67,8 +68,6 @@ _BAD = object()  # an undecodable example, where its slot is kept (fill_bad)
 CHECK_AFTER = 64  # examples read before the bad-image fraction is judged
 
 
-class BadDataError(ValueError):
-    """Too many examples of the dataset cannot be used (see data.max_bad_fraction)."""
 
 
 class DetectionIterator(Iterator[dict[str, np.ndarray]]):

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from m2det_jax import box_ops
+from m2det_jax.core import box_ops
 
 # Per-example counters (summed into `iterator.DataStats`). See `decode_record`.
 STAT_KEYS = (

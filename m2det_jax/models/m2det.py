@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from m2det_jax.config import validate
+from m2det_jax.core.priors import num_anchors
 from m2det_jax.models.backbones import make_backbone
 from m2det_jax.models.layers import remat_block
 from m2det_jax.models.mlfpn import SFAM, TUM, FFMv1, FFMv2
-from m2det_jax.priors import num_anchors
 
 # PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)), which the original keeps for
 # the loc/conf heads (docs/original.md §1.9); their biases are zeroed.

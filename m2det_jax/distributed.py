@@ -1,0 +1,91 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices).reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """This process's share of the global batch; errors name the offending value."""
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    if global_batch_size % n_dev:
+        raise ValueError(
+            f"train.batch_size={global_batch_size} is not divisible by the {n_dev} devices"
+        )
+    return global_batch_size // n_proc
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global arrays sharded along the batch axis."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a host pytree on every device of the mesh (same value on every process)."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(
+        np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree)  # fmt: skip
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           timeout_s: int = 300) -> None:  # fmt: skip
+    """`jax.distributed.initialize` with explicit flags, or auto-detection on TPU pods and
+    SLURM; a single process without flags needs nothing. Call before any other JAX use."""
+    if coordinator_address is not None:
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, initialization_timeout=timeout_s
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ \
+            or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:  # fmt: skip
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """{key: sum over processes} of every process's integer counts with the same keys (a
+    collective: every process calls it; int32 sums)."""
+    if jax.process_count() == 1:
+        return dict(counts)
+    keys = sorted(counts)
+    local = np.asarray([int(counts[k]) for k in keys], np.int32)
+    total = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)).sum(0)
+    return {k: int(v) for k, v in zip(keys, total, strict=True)}
+
+
+def check_same_on_processes(value, what: str) -> None:
+    """Raises RuntimeError unless the JSON of `value` is the same on every process (a
+    collective: a digest of it is all-gathered)."""
+    if jax.process_count() == 1:
+        return
+    text = json.dumps(value, sort_keys=True)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+    if not (gathered == gathered[:1]).all():
+        raise RuntimeError(f"{what} differs between processes (process "
+                           f"{jax.process_index()}: {text[:200]})")  # fmt: skip

@@ -1,0 +1,92 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+
+from m2det_jax import data
+from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array
+from m2det_jax.evaluation.stream import per_image, stream_split
+from m2det_jax.evaluation.voc import is_voc, voc_evaluate, voc_ground_truth
+from m2det_jax.paths import as_path
+
+
+def metric_of(cfg, builder) -> str:
+    """"voc" or "coco": cfg.data.metric, with "auto" -> voc for VOC-like datasets."""
+    metric = cfg.data.get("metric", "auto")
+    if metric == "auto":
+        return "voc" if is_voc(builder) else "coco"
+    return metric
+
+
+def official_annotations(cfg) -> str | None:
+    """cfg.data.eval_annotation_file when it is the ground truth to score against (e.g.
+    instances_val2017.json for coco/2017); None otherwise. A coco_folder's file is its
+    build input: it is scored through the ground truth rebuilt from the stored records,
+    normalised once at the data boundary (missing iscrowd -> 0, missing area -> the box's),
+    so any JSON that builds and trains also evaluates."""
+    if cfg.data.dataset == "coco_folder":
+        return None
+    return cfg.data.eval_annotation_file or None
+
+
+def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
+                       workdir: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Metrics of `variables` on cfg.data.eval_split (`metric_of`: COCO's 12 numbers and
+    AP per class, or VOC mAP and AP per class); written to `<workdir>/eval_metrics.json`
+    when a workdir is given (process 0)."""
+    builder = builder if builder is not None else data.open_builder(cfg)
+    split = cfg.data.eval_split
+    voc = metric_of(cfg, builder) == "voc"
+    main = jax.process_index() == 0
+    cats, offset = data.category_ids(builder), cfg.postprocess.pixel_offset
+    rows, image_ids, voc_dets = [], [], {}
+    for b in stream_split(cfg, variables, builder=builder, split=split):
+        if not main:
+            continue  # every process runs the batches; process 0 scores them
+        image_ids.append(b["image_id"])
+        if voc:
+            voc_dets.update(per_image(b))
+        else:  # only the valid rows, as [n, 7]: memory follows the detections
+            rows.append(coco_results_array(b["boxes"], b["scores"], b["classes"], b["valid"],
+                                           b["image_id"], cats, offset))  # fmt: skip
+    metrics: dict[str, Any] = {}
+    if main:
+        image_ids = np.concatenate(image_ids)
+        if voc:
+            metrics = voc_metrics_of(cfg, builder, split, voc_dets)
+        else:
+            official = official_annotations(cfg)
+            ann = official or data.ground_truth(builder, split)
+            source = official or f"rebuilt from the {cfg.data.dataset} {split} records"
+            print(f"COCO ground truth: {source}", flush=True)
+            results = np.concatenate(rows)
+            backend = cfg.get("eval", {}).get("backend", "faster_coco_eval")
+            metrics = coco_evaluate(ann, results, image_ids=image_ids, backend=backend)
+            metrics["num_images"] = int(len(image_ids))
+            metrics["num_detections"] = len(results)
+            metrics["ground_truth"] = source
+        if workdir:
+            out = as_path(workdir) / "eval_metrics.json"
+            out.write_text(json.dumps({"step": step, **metrics}, indent=1))
+    return metrics
+
+
+def voc_metrics(cfg, builder, split: str, preds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """VOC mAP (IoU > 0.5, difficult boxes ignored) of `predict_split` output."""
+    return voc_metrics_of(cfg, builder, split, per_image(preds))
+
+
+def voc_metrics_of(cfg, builder, split: str, dets: dict[int, dict]) -> dict[str, Any]:
+    """VOC mAP of per-image detections ({image id: {"boxes", "scores", "labels"}})."""
+    gt = voc_ground_truth(builder, split)
+    gt = {k: v for k, v in gt.items() if k in dets}  # the images that were evaluated
+    m = voc_evaluate(gt, dets, data.class_names(builder),
+                     use_07_metric=bool(cfg.data.get("voc_use_07_metric", True)))  # fmt: skip
+    m["num_images"] = int(m["num_images"])
+    m["num_detections"] = int(m["num_detections"])
+    return m

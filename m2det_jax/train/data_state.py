@@ -1,0 +1,71 @@
+"""TODO"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import jax
+
+from m2det_jax import data
+from m2det_jax import distributed as shd
+
+
+def tfds_train_data(cfg, builder=None) -> tuple[Callable[..., Iterator], int]:
+    """The grain pipeline of `m2det_jax.data` as (iterator factory, dataset size);
+    `builder` default `data.open_builder(cfg)`."""
+    builder = builder if builder is not None else data.open_builder(cfg)
+    n = len(data.train_source(cfg, builder))  # with "+" splits, "trainval" and extra sets
+
+    def make(cfg, local_bs, process_index, process_count):
+        del local_bs  # the pipeline splits the global batch itself
+        return data.make_train_iterator(
+            cfg, builder=builder, global_batch_size=cfg.train.batch_size,
+            shard_index=process_index, shard_count=process_count)  # fmt: skip
+
+    return make, n
+
+
+def data_counts(data_iter) -> dict[str, float]:
+    """The input pipeline's `DataStats` of the whole run, summed over processes, as
+    `data_<key>` columns of metrics.jsonl / TensorBoard; empty for iterators without stats.
+    A collective: every process calls it at the same step."""
+    stats = getattr(data_iter, "stats", None)
+    counts = shd.sum_over_processes(stats.as_dict()) if hasattr(stats, "as_dict") else {}
+    return {f"data_{k}": float(v) for k, v in counts.items()}
+
+
+def global_data_state(state):
+    """The train iterator's state as a checkpoint holds it: checked to be the same on every
+    process (its position in the global batch sequence), `stats` summed over them. A
+    collective."""
+    if isinstance(state, bytes):
+        state = state.decode()
+    if not (isinstance(state, dict) and "stats" in state):
+        shd.check_same_on_processes(state, "the input iterator's state")
+        return state
+    position = {k: v for k, v in state.items() if k != "stats"}
+    shd.check_same_on_processes(position, "the input iterator's position")
+    return {**position, "stats": shd.sum_over_processes(state["stats"])}
+
+
+def local_data_state(state):
+    """A checkpoint's iterator state for this process: the run's data counts go to
+    process 0 only, so that summing over processes counts them once, on any topology."""
+    if isinstance(state, dict) and "stats" in state and jax.process_index() != 0:
+        return {**state, "stats": {}}
+    return state
+
+
+def missing_eval_split(cfg, builder=None) -> str | None:
+    """Why cfg.data.eval_split cannot be evaluated (None when it can): checked before
+    training, so a run without a validation split trains and says so instead of failing
+    at its final evaluation."""
+    builder = builder if builder is not None else data.open_builder(cfg)
+    try:
+        data.data_source(builder, cfg.data.eval_split)
+    except FileNotFoundError:
+        hint = (" (a coco_folder gets one from data.eval_annotation_file)"
+                if cfg.data.dataset == "coco_folder" else "")  # fmt: skip
+        return (f"dataset {cfg.data.dataset!r} has no split {cfg.data.eval_split!r} "
+                f"(splits: {sorted(builder.info.splits)}); set data.eval_split{hint}")
+    return None

@@ -1,0 +1,264 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from m2det_jax import data
+from m2det_jax import distributed as shd
+from m2det_jax.checkpoints.fingerprint import config_fingerprint, model_signature
+from m2det_jax.checkpoints.training import TrainCheckpoints
+from m2det_jax.checkpoints.variables import load_init_variables
+from m2det_jax.core.priors import prior_boxes
+from m2det_jax.data.device_feed import DevicePrefetch
+from m2det_jax.errors import NonFiniteLossError
+from m2det_jax.evaluation.driver import evaluate_variables
+from m2det_jax.models import build_model
+from m2det_jax.paths import as_path
+from m2det_jax.train.data_state import (
+    data_counts,
+    global_data_state,
+    local_data_state,
+    missing_eval_split,
+    tfds_train_data,
+)
+from m2det_jax.train.meter import describe, meter_for
+from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
+from m2det_jax.train.preemption import Preemption
+from m2det_jax.train.profiling import StepProfiler
+from m2det_jax.train.step import TrainState, make_train_step, total_steps
+from m2det_jax.train.writers import MetricsLog, write_run_info
+
+
+def _stop_if_nonfinite(bad_step: int, ckpts: TrainCheckpoints) -> None:
+    """Raises NonFiniteLossError when the device's guard saw a non-finite step (>= 1)."""
+    if bad_step < 0:
+        return
+    ckpts.wait()
+    good = ckpts.latest_step()
+    raise NonFiniteLossError(
+        f"the loss or its gradients were NaN/inf at step {bad_step}; stopped before saving "
+        "anything after it (train.skip_nonfinite_steps=True skips such steps). Last good "
+        f"checkpoint: {'none' if good is None else f'step {good} in {ckpts.directory}'}")
+
+
+def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -> dict:
+    metrics = evaluate_fn(cfg, state.variables, step)
+    if metrics and jax.process_index() == 0:
+        log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                  prefix="eval")  # fmt: skip
+        main = {k: round(metrics[k], 4) for k in ("mAP", "AP", "AP50", "AP75") if k in metrics}
+        print(f"eval at step {step}: {main}", flush=True)
+    return metrics
+
+
+# metrics.jsonl / TensorBoard columns of a train row; device_tflops when XLA counts the
+# step's FLOPs, mfu when the device's peak is known (or train.peak_tflops is set).
+LOGGED = ("loss", "loc_loss", "conf_loss", "lr", "grad_norm", "images_per_sec", "step_time")
+
+
+LOGGED_IF_KNOWN = ("device_tflops", "mfu")
+
+
+def skip_col(m: dict[str, float]) -> dict[str, float]:
+    """The skipped_steps column, once a step was skipped (train.skip_nonfinite_steps)."""
+    return {"skipped_steps": m["skipped_steps"]} if m.get("skipped_steps", 0) > 0 else {}
+
+
+def train_and_evaluate(
+    cfg,
+    workdir: str,
+    *,
+    train_iterator_fn: Callable[..., Iterator] | None = None,
+    num_train_examples: int | None = None,
+    evaluate_fn: Callable[[Any, dict, int], dict] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains `cfg` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Args:
+      cfg: the config (see configs/).
+      workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.
+      train_iterator_fn: `(cfg, local_batch_size, process_index, process_count) -> iterator`
+        of per-process numpy batches with `get_state()`/`set_state()`; default: the TFDS
+        pipeline of `m2det_jax.data` (`tfds_train_data`).
+      num_train_examples: dataset size (for epochs); default: from the data module.
+      evaluate_fn: `(cfg, variables, step) -> {metric: value}`; default: COCO evaluation
+        of `m2det_jax.evaluate` on the eval split, written to the workdir.
+      progress: show a progress bar on process 0.
+
+    Returns:
+      {"step", "final_metrics", "eval_metrics", "preempted", "state"}.
+    """
+    with Preemption() as preemption:  # from the start: SIGTERM during compile counts too
+        # Run directory.
+        workdir = as_path(workdir)  # local (made absolute) or a URI such as gs://b/run
+        is_main = jax.process_index() == 0
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_run_info(workdir, cfg)
+        eval_every = cfg.train.eval_every
+        builder = None  # the dataset, opened (digests checked, prepared) once for all uses
+        if train_iterator_fn is None or (evaluate_fn is None and eval_every >= 0):
+            builder = data.open_builder(cfg)
+        if evaluate_fn is None:
+            evaluate_fn = functools.partial(evaluate_variables, workdir=workdir, builder=builder)
+            missing = None if eval_every < 0 else missing_eval_split(cfg, builder)
+            if missing:
+                eval_every = -1
+                if is_main:
+                    print(f"no evaluation: {missing}", flush=True)
+
+        # Mesh and data.
+        mesh = shd.make_mesh()
+        local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
+        labels = None  # class names + category ids, stored with every checkpoint
+        if train_iterator_fn is None:
+            train_iterator_fn, num_train_examples = tfds_train_data(cfg, builder)
+            labels = data.dataset_labels(builder)
+        steps_per_epoch = cfg.train.steps_per_epoch or max(
+            num_train_examples // cfg.train.batch_size, 1)
+        n_steps = total_steps(cfg, steps_per_epoch)
+        data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
+
+        # Model, optimizer, abstract state and shardings.
+        model = build_model(cfg)
+        schedule = learning_rate_schedule(cfg, steps_per_epoch)
+        tx = make_optimizer(cfg, schedule)
+        rng = jax.random.key(cfg.train.seed)
+        create = functools.partial(TrainState.create, model, tx, cfg)
+        abstract = jax.eval_shape(create, rng)
+        state_sharding = jax.tree.map(lambda _: shd.replicated(mesh), abstract)
+
+        # Restore or init.
+        ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.train.keep_checkpoints)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, state_sharding)  # fmt: skip
+        restored = ckpts.restore_latest(target, cfg)
+        if restored is not None:
+            latest, state, data_state = restored
+            if data_state is not None and hasattr(data_iter, "set_state"):
+                data_iter.set_state(local_data_state(data_state))
+            if is_main:
+                print(f"resumed from {ckpts.directory} at step {latest}", flush=True)
+        else:
+            init_vars = None
+            if cfg.train.init_checkpoint:  # `m2det convert` output, full model or backbone
+                init_vars, skipped = load_init_variables(cfg.train.init_checkpoint, cfg)
+                init_vars = jax.tree.map(np.asarray, init_vars)
+                if is_main:
+                    print(f"init from {cfg.train.init_checkpoint}"
+                          + "".join(f"\n  not loaded: {line}" for line in skipped), flush=True)
+            state = jax.jit(functools.partial(create, init_variables=init_vars),
+                            out_shardings=state_sharding)(rng)  # fmt: skip
+
+        # The jitted step.
+        step_fn = jax.jit(
+            make_train_step(model, tx, schedule, cfg, prior_boxes(cfg)),
+            in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+            out_shardings=(state_sharding, shd.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        meta = {"model": model_signature(cfg), "steps_per_epoch": steps_per_epoch,
+                "fingerprint": config_fingerprint(cfg)}  # fmt: skip
+        if labels:
+            meta["labels"] = labels
+        # Global batches, data.prefetch ahead: the host pipeline runs during the step.
+        ahead = cfg.data.get("prefetch", -1)
+        ahead = (0 if jax.default_backend() == "cpu" else 2) if ahead < 0 else ahead
+        batches = DevicePrefetch(data_iter, mesh, ahead)
+
+        def save(step: int) -> None:  # never a state past a non-finite step
+            _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
+            data_state = batches.get_state() if hasattr(data_iter, "get_state") else None
+            ckpts.save(step, state, global_data_state(data_state), meta)
+
+        # The loop.
+        log = MetricsLog(workdir, is_main)
+        profiler = StepProfiler(workdir, cfg.train.get("profile_steps", (0, 0)))
+        step = start = int(jax.device_get(state.step))
+        bar = None
+        if progress and is_main:
+            bar = tqdm(total=n_steps, initial=start, desc="train", unit="step",
+                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)  # fmt: skip
+        last_metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        preempted = False
+        compiled, meter = None, None
+        try:
+            while step < n_steps:
+                if preemption.reached(step):  # the same step on every process
+                    preempted = True
+                    break
+                batch = next(batches)
+                if compiled is None:  # compiled once ahead of time: its FLOPs give the MFU
+                    compiled = step_fn.lower(state, batch).compile()
+                    meter = meter_for(cfg, compiled, jax.devices()[0])
+                    if is_main:
+                        print(describe(meter, jax.devices()[0]), flush=True)
+                profiler.before(step, state)
+                state, metrics = compiled(state, batch)
+                step += 1
+                meter.tick()
+                is_log = step % cfg.train.log_every == 0 or step == n_steps
+                is_ckpt = step % cfg.train.checkpoint_every == 0
+                if is_log or is_ckpt:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    _stop_if_nonfinite(int(m["nonfinite_step"]), ckpts)
+                    m.update(meter.read())
+                    last_metrics = m
+                    data_stats = data_counts(data_iter)
+                    if is_log:
+                        log.write(step, {**{k: m[k] for k in LOGGED + LOGGED_IF_KNOWN if k in m},
+                                         **skip_col(m), **data_stats})  # fmt: skip
+                    if bar is not None:
+                        post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2g}",
+                                "img_s": f"{m['images_per_sec']:.1f}"}  # fmt: skip
+                        if "mfu" in m:
+                            post["mfu"] = f"{m['mfu']:.1%}"
+                        skipped = data_stats.get("data_bad_images", 0)
+                        if skipped:
+                            post["bad_img"] = int(skipped)
+                        bar.set_postfix(post)
+                if bar is not None:
+                    bar.update(1)
+                if is_ckpt:
+                    save(step)
+                if eval_every > 0 and step % eval_every == 0 and step < n_steps:
+                    _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
+                    eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+                    meter.restart()  # the evaluation is not training throughput
+        except BaseException:  # stop the reader thread and the async saves, then raise
+            profiler.close()
+            batches.close()
+            ckpts.close()
+            log.close()
+            raise
+        if bar is not None:
+            bar.close()
+        counts = data_counts(data_iter)  # a collective: on every process
+        if is_main and counts:
+            print("data: " + ", ".join(f"{k[5:]} {int(v)}" for k, v in counts.items()),
+                  flush=True)  # fmt: skip
+        profiler.close(state)
+        batches.close()
+
+        # Final save and evaluation.
+        if ckpts.latest_step() != step:
+            save(step)
+        ckpts.close()
+        if not preempted and eval_every >= 0:
+            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+        log.close()
+        if preempted and is_main:
+            print(f"SIGTERM: saved step {step} to {ckpts.directory}; rerun the same command "
+                  "to resume", flush=True)  # fmt: skip
+        return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
+                "preempted": preempted, "state": state}  # fmt: skip
