@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -283,8 +284,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        del value
+
+
+def _show_library_messages() -> None:
+    """The library reports through the `m2det_jax` logger (unconfigured, its warnings still
+    reach stderr); the command shows its INFO lines too: resumes, evaluations, data counts."""
+    log = logging.getLogger("m2det_jax")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _show_library_messages()
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     if args.xla_cpu_conv_flags or os.environ.get("M2DET_XLA_CPU_CONV_FLAGS") == "1":

@@ -1,4 +1,11 @@
-"""TODO"""
+"""Processes and devices, in one place: `jax.distributed` initialisation, the mesh and its
+shardings (data parallel by default), per-host numpy -> global arrays, and the small
+collectives the loop needs (sums and agreement checks over processes).
+
+One `Mesh` spans every device of every process. Batches are sharded along DATA_AXIS and
+parameters are replicated, so `jax.jit` reduces BatchNorm statistics and gradients over
+the global batch.
+"""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def _release_compiled_programs():
 
 # Run first under `pytest -n 2 --dist loadfile` (each module stays on one worker): the
 # longest module then overlaps the rest of the suite instead of running alone at the end.
-FIRST = ("test_reliability.py",)
+FIRST = ("test_train_reliability.py",)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,5 +1,5 @@
 """The numpy reference of the original's post-processing and the shared test helpers of
-tests/test_postprocess_*.py (checks of the reference itself: test_postprocess_reference.py).
+tests/test_inference_postprocess_*.py (checks of the reference itself: test_inference_postprocess_reference.py).
 
 The reference is written from the description of the original code: a per-class Python
 loop over float32 numpy arrays, the C soft-NMS loop transcribed statement by statement

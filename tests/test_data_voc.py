@@ -3,6 +3,7 @@
 another number of classes."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -210,7 +211,7 @@ def test_voc_config_reads_a_voc_folder_as_is(tmp_path, voc_root):
 
 
 @pytest.mark.slow
-def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
+def test_train_eval_and_finetune_onto_other_classes(tmp_path, caplog):
     """Tiny model: trained on a 5-class VOC-format folder (VOC mAP at the end), then
     fine-tuned onto a 3-class one from that checkpoint: every tensor but the class heads
     loads, and the log names each head tensor left out."""
@@ -253,8 +254,9 @@ def test_train_eval_and_finetune_onto_other_classes(tmp_path, capfd):
         for a, b in zip(jax.tree.leaves(src["params"][k]), jax.tree.leaves(init["params"][k]),
                         strict=True):  # fmt: skip
             np.testing.assert_array_equal(a, b)
-    capfd.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="m2det_jax")
     r3 = train_and_evaluate(cfg3, str(tmp_path / "run3"), progress=False)
-    out = capfd.readouterr().out
+    out = caplog.text
     assert r3["step"] == 3 and "not loaded: params/conf_0/bias" in out
     assert "written for 6 classes, config has 4" in out

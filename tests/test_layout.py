@@ -1,7 +1,8 @@
-"""The package's shape: no import cycle, imports at the top of modules, modules of a size a
-reader can hold (the layout the README's "Layout" section describes).
+"""The package's shape: stages in one direction, no import cycle, imports at the top of
+modules, modules of a size a reader can hold, a short top level.
 
-Static (ast) checks over m2det_jax/*.py, so a cycle fails here before it fails at import.
+Static (ast) checks over m2det_jax/**/*.py, so a cycle or a layer break fails here before
+it fails at import.
 """
 
 import ast
@@ -13,6 +14,24 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_LINES = 400
 # Imports allowed inside functions: optional heavy dependencies, imported only where used.
 LAZY_OK = ("torch", "tensorflow", "orbax.export")
+# The stages, upstream first: a module imports only from its own stage or one above it.
+LAYERS = (
+    ("errors", "paths", "_compat", "reference"),  # no project imports
+    ("distributed",),  # processes, mesh, shardings
+    ("core",),  # boxes, priors, preprocessing
+    ("config",),
+    ("data",),
+    ("models",),
+    ("checkpoints",),
+    ("inference",),
+    ("evaluation",),
+    ("train",),
+    ("perf",),
+    ("cli",),
+)
+STAGE_PACKAGES = {"config", "core", "data", "models", "checkpoints", "inference", "evaluation",
+                  "train", "perf", "reference"}
+TOP_MODULES = {"__init__", "_compat", "cli", "distributed", "errors", "paths"}
 
 
 def _modules() -> dict[str, str]:
@@ -117,14 +136,64 @@ def test_module_size(mod):
     assert n <= MAX_LINES, f"{mod}: {n} lines (> {MAX_LINES}): split it by stage"
 
 
+def _layer(module: str) -> int:
+    stage = module.split(".")[1]
+    return next(i for i, names in enumerate(LAYERS) if stage in names)
+
+
+def _layer_breaks(graph) -> list[str]:
+    return [f"{m} imports {d}" for m, deps in sorted(graph.items()) if m != "m2det_jax"
+            for d in sorted(deps) if d != "m2det_jax" and _layer(d) > _layer(m)]
+
+
+def test_stages_import_only_upstream():
+    assert not _layer_breaks(_graph()), "\n".join(_layer_breaks(_graph()))
+
+
+def test_the_layer_check_finds_a_break():
+    assert _layer_breaks({"m2det_jax.core.priors": {"m2det_jax.train.loop"}}) == [
+        "m2det_jax.core.priors imports m2det_jax.train.loop"]
+    assert _layer_breaks({"m2det_jax.train.loop": {"m2det_jax.core.priors"}}) == []
+
+
+def test_every_module_has_a_stage():
+    for mod in MODULES:
+        if mod != "m2det_jax":
+            _layer(mod)  # StopIteration: a module outside every stage
+
+
+def test_top_level_is_the_stages_and_a_few_modules():
+    entries = os.listdir(PACKAGE)
+    packages = {e for e in entries if os.path.isfile(os.path.join(PACKAGE, e, "__init__.py"))}
+    modules = {e[:-3] for e in entries if e.endswith(".py")}
+    assert packages == STAGE_PACKAGES, packages
+    assert modules == TOP_MODULES, modules
+
+
+def test_the_package_uses_no_compatibility_path():
+    """Old module paths (`m2det_jax.predict`, ...) are for users; the package imports the
+    modules where they live."""
+    for mod, path in MODULES.items():
+        for name, line, _ in _imports(path):
+            if name.startswith("m2det_jax.") and name.count(".") == 1:
+                assert name in MODULES, f"{mod}:{line} imports {name}, which is no module"
+
+
 def test_nothing_imports_the_entry_points():
     graph = _graph()
-    for top in ("m2det_jax.cli", "m2det_jax.train"):
-        users = sorted(m for m, deps in graph.items() if top in deps and m != "m2det_jax")
-        allowed = {"m2det_jax.cli"}  # the CLI calls train_and_evaluate
-        if top == "m2det_jax.train":  # costs compiles the train step to measure it
-            allowed.add("m2det_jax.costs")
-        assert set(users) <= allowed, f"{top} imported by {users}"
+    users = sorted(m for m, deps in graph.items() if "m2det_jax.cli" in deps)
+    assert users == [], f"m2det_jax.cli imported by {users}"
+    users = sorted(m for m, deps in graph.items() if "m2det_jax.train.loop" in deps)
+    allowed = {"m2det_jax.cli", "m2det_jax.train"}  # the CLI calls train_and_evaluate
+    assert set(users) <= allowed, f"m2det_jax.train.loop imported by {users}"
+
+
+def test_test_modules_are_named_after_what_they_test():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    known = STAGE_PACKAGES | TOP_MODULES | {"layout"}
+    for f in sorted(os.listdir(tests_dir)):
+        if f.startswith("test_") and f.endswith(".py"):
+            assert f[5:-3].split("_")[0] in known, f
 
 
 def test_docstrings_do_not_point_outside_the_repository():

@@ -1,6 +1,6 @@
 """Training: LR schedule, sharded == single step (8 fake devices), SIGTERM checkpoints
 (one process), a clear error on resuming with another config. Multi-host data order,
-kill -9, agreed preemption and the NaN guard on the real pipeline: test_reliability.py."""
+kill -9, agreed preemption and the NaN guard on the real pipeline: test_train_reliability.py."""
 
 import json
 import os

@@ -1,4 +1,11 @@
-"""TODO"""
+"""The config fields a checkpoint must agree on with the config that loads it.
+
+* `model_signature`: the model fields that change the weights' shapes or meaning; a
+  mismatch is always an error (`ConfigMismatchError` names every field).
+* `config_fingerprint`: input size, anchors, preprocessing (OUTPUT_FIELDS) and the loss
+  settings (TRAINING_FIELDS): loading or resuming with other values is refused unless
+  `allow_config_mismatch` is set, since the weights would silently mean something else.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +62,7 @@ def config_fingerprint(cfg) -> dict[str, Any]:
     out = {}
     for field in OUTPUT_FIELDS + TRAINING_FIELDS:
         section, name = field.split(".")
-        out[field] = json.loads(json.dumps(cfg[section].get(name)))
+        out[field] = json.loads(json.dumps(cfg[section][name]))
     return out
 
 

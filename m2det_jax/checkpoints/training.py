@@ -1,4 +1,12 @@
-"""TODO"""
+"""Training checkpoints (`TrainCheckpoints`): `<workdir>/checkpoints`, one step per save with
+three items: `state` (the train state), `data` (the input iterator's position in the global
+batch sequence, the same for every process, and the data counts summed over processes;
+JSON) and `meta` (model signature, steps per epoch, config fingerprint, class names).
+
+Saves are asynchronous; a step directory appears under its number only once complete, so
+a process killed mid-save leaves an unfinished temporary directory, which resuming
+ignores with a warning, as it does a step that no longer restores (a truncated file).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ class TrainCheckpoints:
         check_signature(meta["meta"]["model"], cfg, self.directory)
         check_fingerprint(meta["meta"].get("fingerprint"), cfg, self.directory,
                           OUTPUT_FIELDS + TRAINING_FIELDS,
-                          bool(cfg.train.get("allow_config_mismatch", False)))  # fmt: skip
+                          bool(cfg.train.allow_config_mismatch))  # fmt: skip
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))  # fmt: skip
         return restored["state"], restored["data"]

@@ -1,9 +1,18 @@
-"""TODO"""
+"""Model variables on disk: converted weights, inference checkpoints, and the variables of a
+training run's latest step.
+
+An orbax `CheckpointManager` directory with one step holding two items: `variables`
+({"params", "batch_stats"}, StandardSave) and `meta` (JSON: the model config, the priors
+count, the config fingerprint, class names and where the weights came from). Loading
+checks the stored model config against the requested one and names every field that
+differs. `load_init_variables` reads a full model or a backbone for `train.init_checkpoint`
+(class heads of another class count are skipped and listed).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +29,8 @@ from m2det_jax.checkpoints.fingerprint import (
 from m2det_jax.errors import CheckpointMismatchError
 from m2det_jax.models import abstract_variables
 from m2det_jax.paths import as_path
+
+_log = logging.getLogger(__name__)
 
 
 def save_variables(directory: str | os.PathLike, variables, cfg, source: str = "", step=0,
@@ -181,7 +192,7 @@ def load_init_variables(directory: str | os.PathLike, cfg) -> tuple[dict[str, An
 
 def warn(message: str) -> None:
     if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        _log.warning(message)
 
 
 def warn_unrestorable(where, error: Exception) -> None:

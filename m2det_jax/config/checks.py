@@ -47,17 +47,17 @@ def validate(cfg) -> None:
         )
     if cfg.postprocess.pixel_offset not in (0, 1):
         raise ValueError(f"postprocess.pixel_offset={cfg.postprocess.pixel_offset}: 0 or 1")
-    ps = tuple(cfg.train.get("profile_steps", (0, 0)))
+    ps = tuple(cfg.train.profile_steps)
     if len(ps) != 2 or ps[0] < 0 or (ps[1] and ps[1] <= ps[0]):
         raise ValueError(f"train.profile_steps={ps}: (start, stop), 0 <= start < stop, "
                          "or (0, 0) for none")  # fmt: skip
-    remat = cfg.train.get("remat", "none")
+    remat = cfg.train.remat
     if remat not in REMAT_MODES:
         raise ValueError(f"train.remat={remat!r}: expected one of {REMAT_MODES}")
-    k = cfg.train.get("grad_accum_steps", 1)
+    k = cfg.train.grad_accum_steps
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"train.grad_accum_steps={k!r}: an integer >= 1")
-    peak = cfg.train.get("peak_tflops", 0.0)
+    peak = cfg.train.peak_tflops
     if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak >= 0:
         raise ValueError(f"train.peak_tflops={peak!r}: TFLOP/s per device, >= 0 (0: known peak)")
     t = cfg.train
@@ -72,39 +72,39 @@ def validate(cfg) -> None:
                          ("train.steps_per_epoch", t.steps_per_epoch)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{field}={value!r}: an integer >= 0 (0: from the data)")
-    backend = cfg.get("eval", {}).get("backend", "faster_coco_eval")
-    cap = cfg.get("eval", {}).get("max_detections", 0)
+    backend = cfg.eval.backend
+    cap = cfg.eval.max_detections
     if not isinstance(cap, int) or cap < 0:
         raise ValueError(f"eval.max_detections={cap!r}: expected an integer >= 0 (0: no cap)")
-    fold = cfg.get("eval", {}).get("fold_batchnorm", False)
+    fold = cfg.eval.fold_batchnorm
     if not isinstance(fold, bool):
         raise ValueError(f"eval.fold_batchnorm={fold!r}: expected True or False")
-    wino = cfg.get("eval", {}).get("winograd", "auto")
+    wino = cfg.eval.winograd
     if wino not in WINOGRAD_MODES:
         raise ValueError(f"eval.winograd={wino!r}: expected one of {WINOGRAD_MODES}")
     for field in ("winograd_min_channels", "winograd_min_pixels"):
-        value = cfg.get("eval", {}).get(field, 1)
+        value = cfg.eval[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"eval.{field}={value!r}: expected an integer >= 1")
     if backend not in ("faster_coco_eval", "pycocotools"):
         raise ValueError(f"eval.backend={backend!r}: expected faster_coco_eval or pycocotools")
     d = cfg.data
-    mbf = d.get("max_bad_fraction", 0.5)
+    mbf = d.max_bad_fraction
     if isinstance(mbf, bool) or not isinstance(mbf, (int, float)) or not 0 <= mbf <= 1:
         raise ValueError(f"data.max_bad_fraction={mbf!r}: a fraction in [0, 1]")
-    if d.get("metric", "auto") not in METRICS:
+    if d.metric not in METRICS:
         raise ValueError(f"data.metric={d.metric!r}: expected one of {METRICS}")
-    for pair in d.get("extra_train_sets", ()):
+    for pair in d.extra_train_sets:
         if len(pair) != 2 or not all(isinstance(v, str) and v for v in pair):
             raise ValueError(f"data.extra_train_sets: {pair!r} is not a (dataset, split) pair")
-    if d.get("prefetch", 0) < -1:
+    if d.prefetch < -1:
         raise ValueError(f"data.prefetch={d.prefetch}: batches ahead, >= 0 (or -1: auto)")
-    if d.get("augment_on_device", False) and d.device_canvas < 1:
+    if d.augment_on_device and d.device_canvas < 1:
         raise ValueError(f"data.device_canvas={d.device_canvas}: a canvas side >= 1")
     if len(cfg.anchors.variance) != 2:
         raise ValueError(f"anchors.variance={cfg.anchors.variance}: two values")
     # Geometry: raises with the offending size if the TUM cannot be built.
-    tta = cfg.get("tta")
+    tta = cfg.tta
     if tta is not None:
         sizes = tuple(tta.sizes)
         if not all(isinstance(v, int) and v > 0 for v in sizes):

@@ -5,6 +5,7 @@ overrides (the CLI's `--config.a.b=value`); validation; the loaded config is loc
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import os
@@ -12,12 +13,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-# The allowed values and the checks live in config_checks; re-exported here.
-from m2det_jax.config.checks import BACKBONES as BACKBONES
-from m2det_jax.config.checks import METRICS as METRICS
-from m2det_jax.config.checks import POSTPROCESS_METHODS as POSTPROCESS_METHODS
-from m2det_jax.config.checks import REMAT_MODES as REMAT_MODES
-from m2det_jax.config.checks import validate as validate
+from m2det_jax.config.checks import validate
 from m2det_jax.config.defaults import default_config
 
 
@@ -45,26 +41,58 @@ def _parse_value(text: str, current):
     return value
 
 
+def _closest(name: str, options: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the option closest to a misspelt name, else ''."""
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
-    """Applies `a.b=value` overrides in place; unknown fields are an error."""
+    """Applies `a.b=value` overrides in place; an unknown field is an error that names the
+    closest valid one."""
     for item in overrides:
         item = item[len("--config."):] if item.startswith("--config.") else item
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected field=value")
         path, text = item.split("=", 1)
-        node = cfg
-        parts = path.split(".")
-        for p in parts[:-1]:
-            if p not in node:
-                raise ValueError(f"override {item!r}: unknown config field {path!r}")
-            node = node[p]
-        leaf = parts[-1]
-        if leaf not in node:
-            raise ValueError(f"override {item!r}: unknown config field {path!r}")
+        node, done = cfg, []
+        for p in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                keys = node.keys() if isinstance(node, ml_collections.ConfigDict) else ()
+                raise ValueError(f"override {item!r}: unknown config field {path!r}"
+                                 + _closest(p, keys))
+            parent, node = node, node[p]
+            done.append(p)
         try:
-            node[leaf] = _parse_value(text, node[leaf])
+            parent[done[-1]] = _parse_value(text, node)
         except (ValueError, TypeError) as e:
             raise ValueError(f"override {item!r}: {e}") from None
+
+
+def unknown_fields(cfg: ml_collections.ConfigDict, where: str = "") -> list[str]:
+    """Fields of `cfg` that `default_config()` does not have (a misspelt name in a config
+    file adds a new field silently; loading refuses it), each with the closest valid name."""
+
+    def walk(node, ref, prefix):
+        for k in node.keys():
+            if k not in ref:
+                yield f"{prefix}{k}{_closest(k, ref.keys())}"
+            elif isinstance(node[k], ml_collections.ConfigDict) and isinstance(
+                    ref[k], ml_collections.ConfigDict):
+                yield from walk(node[k], ref[k], f"{prefix}{k}.")
+
+    return list(walk(cfg, default_config(), where))
+
+
+def _finish(cfg: ml_collections.ConfigDict, source: str, overrides: Iterable[str]):
+    """Checks that every field is a known one, applies overrides, validates, locks."""
+    unknown = unknown_fields(cfg)
+    if unknown:
+        raise ValueError(f"config {source}: unknown field(s) " + ", ".join(unknown))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    cfg.lock()  # a misspelt field read or set later is an error naming the closest one
+    return cfg
 
 
 def configs_dir() -> str:
@@ -138,9 +166,7 @@ def load_config(
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as f:
             cfg = config_from_json(f.read())
-        apply_overrides(cfg, overrides)
-        validate(cfg)
-        return cfg
+        return _finish(cfg, path, overrides)
     if not os.path.exists(path):
         here = configs_dir()
         name = os.path.basename(path)
@@ -155,7 +181,4 @@ def load_config(
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config()")
-    cfg = module.get_config()
-    apply_overrides(cfg, overrides)
-    validate(cfg)
-    return cfg
+    return _finish(module.get_config(), path, overrides)

@@ -70,7 +70,7 @@ ALIASES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 
 def data_dir_of(cfg) -> str:
     """cfg.data.data_dir as a string (None: TFDS's default ~/tensorflow_datasets)."""
-    return as_str(cfg.data.get("data_dir") or "~/tensorflow_datasets")
+    return as_str(cfg.data.data_dir or "~/tensorflow_datasets")
 
 
 def train_source(cfg, builder: tfds.core.DatasetBuilder, split: str | None = None):
@@ -80,7 +80,7 @@ def train_source(cfg, builder: tfds.core.DatasetBuilder, split: str | None = Non
     classes."""
     sources = [schema.data_source(builder, split or cfg.data.train_split)]
     alias_extra = ALIASES.get(cfg.data.dataset, ("", ()))[1]
-    for name, extra_split in (*alias_extra, *cfg.data.get("extra_train_sets", ())):
+    for name, extra_split in (*alias_extra, *cfg.data.extra_train_sets):
         other = prepared_builder(name, data_dir_of(cfg))
         if schema.class_names(other) != schema.class_names(builder):
             raise ValueError(
@@ -100,7 +100,7 @@ def open_builder(cfg, data_dir: str | os.PathLike | None = None) -> tfds.core.Da
       data_dir: overrides cfg.data.data_dir (None there means TFDS's default ~/tensorflow_datasets).
     """
     d = cfg.data
-    data_dir = os.fspath(data_dir) if data_dir is not None else d.get("data_dir")
+    data_dir = os.fspath(data_dir) if data_dir is not None else d.data_dir
     data_dir = as_str(data_dir or "~/tensorflow_datasets")  # gs://... kept as given
     build = GENERATED.get(d.dataset)
     name = ALIASES.get(d.dataset, (d.dataset,))[0]

@@ -1,4 +1,7 @@
-"""TODO"""
+"""Global batches placed on the devices ahead of the step (`DevicePrefetch`), by a reader
+thread, so the host pipeline runs while the device computes. Its state is the state of
+the batches handed out, not of those read ahead.
+"""
 
 from __future__ import annotations
 

@@ -42,10 +42,10 @@ class ExampleParams:
             size=int(cfg.model.input_size),
             max_boxes=int(cfg.data.max_boxes),
             include_crowd=bool(cfg.data.include_crowd),
-            keep_difficult=bool(cfg.data.get("keep_difficult", False)),
+            keep_difficult=bool(cfg.data.keep_difficult),
             expand_prob=float(cfg.data.expand_prob),
             fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means),
-            canvas=int(cfg.data.device_canvas) if cfg.data.get("augment_on_device") else 0,
+            canvas=int(cfg.data.device_canvas) if cfg.data.augment_on_device else 0,
         )
 
 

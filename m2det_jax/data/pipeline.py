@@ -138,7 +138,7 @@ def make_train_iterator(
 
     return GlobalOrderIterator(
         make_loader, global_batch=big, batch_size=b, image_shape=transform.image_shape,
-        max_boxes=p.max_boxes, max_bad_fraction=float(cfg.data.get("max_bad_fraction", 0.5)),
+        max_boxes=p.max_boxes, max_bad_fraction=float(cfg.data.max_bad_fraction),
         canvas=p.canvas)
 
 
@@ -174,4 +174,4 @@ def make_eval_iterator(
     transform = EvalExample(ExampleParams.from_config(cfg))
     num_batches = max(1, math.ceil(math.ceil(len(source) / shard.shard_count) / b))
     return _iterator(source, sampler, transform, _num_workers(cfg, num_workers), b, num_batches,
-                     float(cfg.data.get("max_bad_fraction", 0.5)))  # fmt: skip
+                     float(cfg.data.max_bad_fraction))  # fmt: skip

@@ -67,7 +67,7 @@ def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict]
     (`to_coco_results`) or their [N, 7] array (`coco_results_array`).
 
     `backend`: "faster_coco_eval" (C++; the same 12 numbers and per-class AP, several
-    times faster: `tests/test_evaluate.py` compares them) or "pycocotools" (the reference).
+    times faster: `tests/test_evaluation.py` compares them) or "pycocotools" (the reference).
     Images of `image_ids` (default: all in the annotations) with no detection count as
     misses. No detections at all gives zeros, not an error.
     """

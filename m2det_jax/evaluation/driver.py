@@ -1,8 +1,16 @@
-"""TODO"""
+"""Evaluating a model on a split: which metric the dataset gets (COCO's 12 numbers, or VOC
+mAP for datasets whose objects carry is_difficult), its ground truth, and the files written.
+
+`evaluate_variables(cfg, variables)` streams the split through `stream.stream_split`, scores
+on process 0 with `coco.coco_evaluate` (against the official annotation file where one is
+configured, else the ground truth the dataset's own records give) or `voc.voc_evaluate`,
+and writes `eval_metrics.json` into the workdir.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
@@ -14,10 +22,12 @@ from m2det_jax.evaluation.stream import per_image, stream_split
 from m2det_jax.evaluation.voc import is_voc, voc_evaluate, voc_ground_truth
 from m2det_jax.paths import as_path
 
+_log = logging.getLogger(__name__)
+
 
 def metric_of(cfg, builder) -> str:
     """"voc" or "coco": cfg.data.metric, with "auto" -> voc for VOC-like datasets."""
-    metric = cfg.data.get("metric", "auto")
+    metric = cfg.data.metric
     if metric == "auto":
         return "voc" if is_voc(builder) else "coco"
     return metric
@@ -63,9 +73,9 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
             official = official_annotations(cfg)
             ann = official or data.ground_truth(builder, split)
             source = official or f"rebuilt from the {cfg.data.dataset} {split} records"
-            print(f"COCO ground truth: {source}", flush=True)
+            _log.info("COCO ground truth: %s", source)
             results = np.concatenate(rows)
-            backend = cfg.get("eval", {}).get("backend", "faster_coco_eval")
+            backend = cfg.eval.backend
             metrics = coco_evaluate(ann, results, image_ids=image_ids, backend=backend)
             metrics["num_images"] = int(len(image_ids))
             metrics["num_detections"] = len(results)
@@ -86,7 +96,7 @@ def voc_metrics_of(cfg, builder, split: str, dets: dict[int, dict]) -> dict[str,
     gt = voc_ground_truth(builder, split)
     gt = {k: v for k, v in gt.items() if k in dets}  # the images that were evaluated
     m = voc_evaluate(gt, dets, data.class_names(builder),
-                     use_07_metric=bool(cfg.data.get("voc_use_07_metric", True)))  # fmt: skip
+                     use_07_metric=bool(cfg.data.voc_use_07_metric))  # fmt: skip
     m["num_images"] = int(m["num_images"])
     m["num_detections"] = int(m["num_detections"])
     return m

@@ -1,4 +1,17 @@
-"""TODO"""
+"""Predictions of a whole eval split, batch by batch: `predict` on every batch, compacted on
+the device, gathered on process 0.
+
+Every image of the split is scored exactly once (the last batch is padded and masked);
+images without detections still count. Boxes go back to original pixels, classes to
+COCO category ids. With `cfg.tta.sizes` / `cfg.tta.flip` each image runs at every size
+(and mirrored), one in-order eval iterator per size, and the merged candidates are
+suppressed once more (`inference.predict.make_tta_fn`), batch-sharded like the plain path.
+
+Streaming: each batch's detections are compacted on the device (valid rows first, at most
+cfg.eval.max_detections per image), gathered from every host, and process 0 turns only
+the valid rows into the COCO results array ([n, 7] per batch) or VOC's per-image lists
+before the next batch: host memory follows the number of detections, not images x K.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +61,7 @@ def stream_split(cfg, variables, *, builder=None, split=None, mesh=None
     its = [data.make_eval_iterator(c, builder=builder, split=split) for c in cfgs]
     fn = make_tta_fn(cfg, sizes, mesh=mesh) if sizes else make_predict_fn(cfg, mesh)
     compact = jax.jit(functools.partial(compact_detections,
-                                        cap=int(cfg.get("eval", {}).get("max_detections", 0))))
+                                        cap=int(cfg.eval.max_detections)))
     variables = prepare_variables(cfg, variables, mesh)
     for _ in range(its[0].num_batches):
         batches = [next(it) for it in its]  # the same images, in the same order, per size

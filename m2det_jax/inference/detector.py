@@ -1,4 +1,9 @@
-"""TODO"""
+"""`make_detector`: uint8 RGB images of any size -> numpy detections in their own pixels.
+
+Images are resized as the eval pipeline resizes them, padded to a fixed batch, run through
+the plain or test-time-augmented predict program (batch-sharded over every local device),
+and the boxes scaled back to each image's size.
+"""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import colorsys
 import glob
 import json
+import logging
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 from m2det_jax import data
 from m2det_jax.inference.detector import make_detector
 from m2det_jax.paths import as_path
+
+_log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -176,7 +178,7 @@ def detect_files(
     for path in files:
         im = load_image(path)
         if im is None:
-            print(f"warning: skipping unreadable image {path}", file=sys.stderr)
+            _log.warning("skipping unreadable image %s", path)
             continue
         pending.append((path, im))
         if len(pending) == batch_size:

@@ -1,4 +1,18 @@
-"""TODO"""
+"""Prediction programs: network + decode + NMS as one jitted program, plain or with test-time
+augmentation. Evaluation, `m2det detect`, export and the speed benchmark all use them.
+
+* `make_predict_fn(cfg, mesh)`: jit(variables, images, image_sizes) -> `detect`'s dict for
+  uint8 RGB images already resized to `cfg.model.input_size`; `preprocess` (channel order,
+  means, scale) runs inside the program, so only uint8 crosses to the device.
+* `make_tta_fn(cfg, sizes, flip, mesh)`: the paper's multi-scale (+ flip) setting (M2Det
+  Table 1, "multi-scale"): every pass is decoded to normalized boxes and class
+  probabilities, flipped passes are mirrored back (x1' = 1 - x2), all candidates of an image
+  are concatenated and suppressed once more by the public `postprocess.nms`. One jitted
+  program for the whole batch, sharded like the plain one.
+* `prepare_images` / `pad_batch`: host-side resize and fixed-size batches.
+
+Programs are cached per (config, mesh) for the life of the process.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +43,7 @@ def config_for_size(cfg: ml_collections.ConfigDict, size: int) -> ml_collections
 def tta_sizes(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The input sizes of `cfg.tta` (model.input_size alone when only flipping); () when
     test-time augmentation is off."""
-    tta = cfg.get("tta")
+    tta = cfg.tta
     if tta is None or not (tuple(tta.sizes) or bool(tta.flip)):
         return ()
     return tuple(int(v) for v in tta.sizes) or (int(cfg.model.input_size),)

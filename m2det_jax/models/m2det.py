@@ -147,5 +147,5 @@ def build_model(cfg) -> M2Det:
         bn_momentum=m.bn_momentum,
         norm_momentum=m.norm_momentum,
         dtype=jnp.dtype(m.dtype),
-        remat=cfg.train.get("remat", "none"),
+        remat=cfg.train.remat,
     )

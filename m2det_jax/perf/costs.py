@@ -40,7 +40,7 @@ from m2det_jax.train.step import TrainState, make_train_step
 def batch_spec(cfg, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes and dtypes of the uint8 batch that `train.make_train_step` reads."""
     g = int(cfg.data.max_boxes)
-    on_device = bool(cfg.data.get("augment_on_device", False))
+    on_device = bool(cfg.data.augment_on_device)
     side = int(cfg.data.device_canvas) if on_device else int(cfg.model.input_size)
     spec = {
         "image": jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8),
@@ -157,14 +157,14 @@ def _cost(cfg, per_device_batch: int, device=None, forward: bool = True):
     state_spec = _on(device, state)
     compiled, lower_s, compile_s = _compile(step, state_spec, _on(device, batch_spec(cfg, b)))
     step_flops = compiled_flops(compiled)
-    k = int(cfg.train.get("grad_accum_steps", 1))
+    k = int(cfg.train.grad_accum_steps)
     if step_flops is not None and k > 1:  # XLA counts a scan (while) body once
         step_flops *= k
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     analytic = 2.0 * count_macs(model, variables, s, b) / b
     out: dict[str, Any] = {
         "backbone": str(cfg.model.backbone), "input_size": s, "dtype": str(cfg.model.dtype),
-        "batch": b, "device": device.device_kind, "remat": str(cfg.train.get("remat", "none")),
+        "batch": b, "device": device.device_kind, "remat": str(cfg.train.remat),
         "grad_accum_steps": k,
         "step_flops_per_image": None if step_flops is None else step_flops / b,
         "analytic_forward_flops_per_image": analytic,

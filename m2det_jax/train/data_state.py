@@ -1,4 +1,11 @@
-"""TODO"""
+"""The input pipeline as the training loop sees it: the train iterator factory, the data
+counts it reports, and its state on the way into and out of a checkpoint.
+
+A checkpoint holds one iterator state for the whole run: its position in the global batch
+sequence (checked to be the same on every process) and the data counts summed over
+processes; on restore the counts go back to process 0 only, so they are counted once on
+any topology.
+"""
 
 from __future__ import annotations
 

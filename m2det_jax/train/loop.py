@@ -1,8 +1,19 @@
-"""TODO"""
+"""Training: `train_and_evaluate(cfg, workdir)`, read top to bottom.
+
+Order: run directory -> mesh and data -> model, optimizer and the abstract state
+(jax.eval_shape) -> shardings -> restore the latest checkpoint in `workdir`, else init
+(optionally from `train.init_checkpoint`) -> jitted train step (donated state) -> loop with
+logging, async checkpoints, periodic evaluation, SIGTERM handling and a NaN guard -> final
+save and evaluation.
+
+A resumed run continues with the same batches and losses as an uninterrupted one: the
+checkpoint holds the train state and the input iterator's position.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +47,8 @@ from m2det_jax.train.profiling import StepProfiler
 from m2det_jax.train.step import TrainState, make_train_step, total_steps
 from m2det_jax.train.writers import MetricsLog, write_run_info
 
+_log = logging.getLogger(__name__)
+
 
 def _stop_if_nonfinite(bad_step: int, ckpts: TrainCheckpoints) -> None:
     """Raises NonFiniteLossError when the device's guard saw a non-finite step (>= 1)."""
@@ -55,7 +68,7 @@ def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -
         log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   prefix="eval")  # fmt: skip
         main = {k: round(metrics[k], 4) for k in ("mAP", "AP", "AP50", "AP75") if k in metrics}
-        print(f"eval at step {step}: {main}", flush=True)
+        _log.info(f"eval at step {step}: {main}")
     return metrics
 
 
@@ -114,7 +127,7 @@ def train_and_evaluate(
             if missing:
                 eval_every = -1
                 if is_main:
-                    print(f"no evaluation: {missing}", flush=True)
+                    _log.info(f"no evaluation: {missing}")
 
         # Mesh and data.
         mesh = shd.make_mesh()
@@ -147,15 +160,15 @@ def train_and_evaluate(
             if data_state is not None and hasattr(data_iter, "set_state"):
                 data_iter.set_state(local_data_state(data_state))
             if is_main:
-                print(f"resumed from {ckpts.directory} at step {latest}", flush=True)
+                _log.info(f"resumed from {ckpts.directory} at step {latest}")
         else:
             init_vars = None
             if cfg.train.init_checkpoint:  # `m2det convert` output, full model or backbone
                 init_vars, skipped = load_init_variables(cfg.train.init_checkpoint, cfg)
                 init_vars = jax.tree.map(np.asarray, init_vars)
                 if is_main:
-                    print(f"init from {cfg.train.init_checkpoint}"
-                          + "".join(f"\n  not loaded: {line}" for line in skipped), flush=True)
+                    _log.info(f"init from {cfg.train.init_checkpoint}"
+                          + "".join(f"\n  not loaded: {line}" for line in skipped))
             state = jax.jit(functools.partial(create, init_variables=init_vars),
                             out_shardings=state_sharding)(rng)  # fmt: skip
 
@@ -171,7 +184,7 @@ def train_and_evaluate(
         if labels:
             meta["labels"] = labels
         # Global batches, data.prefetch ahead: the host pipeline runs during the step.
-        ahead = cfg.data.get("prefetch", -1)
+        ahead = cfg.data.prefetch
         ahead = (0 if jax.default_backend() == "cpu" else 2) if ahead < 0 else ahead
         batches = DevicePrefetch(data_iter, mesh, ahead)
 
@@ -182,7 +195,7 @@ def train_and_evaluate(
 
         # The loop.
         log = MetricsLog(workdir, is_main)
-        profiler = StepProfiler(workdir, cfg.train.get("profile_steps", (0, 0)))
+        profiler = StepProfiler(workdir, cfg.train.profile_steps)
         step = start = int(jax.device_get(state.step))
         bar = None
         if progress and is_main:
@@ -202,7 +215,7 @@ def train_and_evaluate(
                     compiled = step_fn.lower(state, batch).compile()
                     meter = meter_for(cfg, compiled, jax.devices()[0])
                     if is_main:
-                        print(describe(meter, jax.devices()[0]), flush=True)
+                        _log.info(describe(meter, jax.devices()[0]))
                 profiler.before(step, state)
                 state, metrics = compiled(state, batch)
                 step += 1
@@ -245,8 +258,7 @@ def train_and_evaluate(
             bar.close()
         counts = data_counts(data_iter)  # a collective: on every process
         if is_main and counts:
-            print("data: " + ", ".join(f"{k[5:]} {int(v)}" for k, v in counts.items()),
-                  flush=True)  # fmt: skip
+            _log.info("data: %s", ", ".join(f"{k[5:]} {int(v)}" for k, v in counts.items()))
         profiler.close(state)
         batches.close()
 
@@ -258,7 +270,7 @@ def train_and_evaluate(
             eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
         log.close()
         if preempted and is_main:
-            print(f"SIGTERM: saved step {step} to {ckpts.directory}; rerun the same command "
-                  "to resume", flush=True)  # fmt: skip
+            _log.info(f"SIGTERM: saved step {step} to {ckpts.directory}; rerun the same command "
+                  "to resume")  # fmt: skip
         return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
                 "preempted": preempted, "state": state}  # fmt: skip

@@ -129,8 +129,8 @@ class StepMeter:
 
 def meter_for(cfg, compiled, device) -> StepMeter:
     """The `StepMeter` of the compiled train step of `cfg` on devices like `device`."""
-    k = int(cfg.train.get("grad_accum_steps", 1))
-    given = float(cfg.train.get("peak_tflops", 0.0) or 0.0)
+    k = int(cfg.train.grad_accum_steps)
+    given = float(cfg.train.peak_tflops or 0.0)
     peak = given if given > 0 else model_peak_tflops(device.device_kind, str(cfg.model.dtype))
     return StepMeter(cfg.train.batch_size, compiled_flops(compiled, k), peak)
 

@@ -1,4 +1,7 @@
-"""TODO"""
+"""SIGTERM during training: the flag the loop checks, agreed on by every process (JAX's
+preemption sync point where the distributed runtime offers one), so all of them stop and
+save at the same step.
+"""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
     then, always, `preprocess` (channel order, means, scale)."""
     valid = batch["valid"] & batch["mask"][:, None]
     image, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
-    if cfg.data.get("augment_on_device", False):
+    if cfg.data.augment_on_device:
         pp = cfg.preprocess
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1 << 20)  # not init's key
         out = device_augment.augment_batch(
@@ -82,8 +82,8 @@ def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
     running statistics averaged (`m2det_jax.accumulate`); k = 1 is the plain step.
     A non-finite loss or gradient leaves the state as it was (module docstring)."""
     priors = jnp.asarray(priors)
-    k = int(cfg.train.get("grad_accum_steps", 1))
-    skip = bool(cfg.train.get("skip_nonfinite_steps", False))
+    k = int(cfg.train.grad_accum_steps)
+    skip = bool(cfg.train.skip_nonfinite_steps)
     accumulate.check_batch(cfg.train.batch_size // jax.process_count(), k)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):

@@ -1,4 +1,11 @@
-"""TODO"""
+"""What a training run writes next to its checkpoints, on any filesystem (`paths`):
+`config.json`, `command.txt`, `metrics.jsonl` and TensorBoard events.
+
+On a local disk metrics.jsonl is appended line by line. Object stores (gs://, s3://) have
+no append: there the file is kept in memory (after reading what a resumed run already
+wrote) and uploaded whole at each write; TensorBoard event files the same way, through a
+tensorboardX writer factory that goes through epath.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Speed only: the fast path's per-class work, in the cheapest exact layout for the batch.
 
 `class_rows(scorer, s)` returns `plain.class_rows(scorer, s)`'s rows (tests:
-tests/test_postprocess_fast.py). The work of one selection step is B x classes x buffer,
+tests/test_inference_postprocess_fast.py). The work of one selection step is B x classes x buffer,
 and selecting the candidates is a top-k over the priors for every class. Most images have
 candidates in a few priors and a few classes, so besides the plain layout (every class,
 every prior, the full `candidates_per_class` buffer) cheaper ones are compiled and the

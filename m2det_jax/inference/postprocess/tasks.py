@@ -3,7 +3,7 @@
 `run_tasks` is `plain.class_rows`'s work (candidates in prior order, NMS, rows) for R
 classes per image with a buffer of kb candidates, where R and kb come from a layout
 (`postprocess.layouts`). Two things differ from the plain code, both for speed only and
-both giving the same rows (tests/test_postprocess_fast.py):
+both giving the same rows (tests/test_inference_postprocess_fast.py):
 * the candidates go back to prior order through one sort of a packed int32 key
   (`python benchmarks/postprocess_kernels.py`, "sort 80 x 1000 by prior": (key, value)
   sort 11.0 ms vs packed int32 key 2.0 ms);

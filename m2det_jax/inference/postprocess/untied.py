@@ -1,7 +1,7 @@
 """Speed only: a soft-NMS loop that never moves entries, exact unless a maximum is tied.
 
 `soft_nms_rows` gives `loops.soft_nms_rows`'s rows bit for bit (tests:
-tests/test_postprocess_fast.py): the untied loop runs first, and the C-order loop
+tests/test_inference_postprocess_fast.py): the untied loop runs first, and the C-order loop
 (`loops.soft_nms`) redoes the batch only if some step of some task had a tied maximum.
 Justified by `python benchmarks/postprocess_kernels.py`, "soft-NMS 16 x 1000, 50
 selections": C-order loop 7.0 ms vs untied loop 1.4 ms; at the detect level, "detect 320

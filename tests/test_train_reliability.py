@@ -191,7 +191,7 @@ def test_nan_at_a_step_that_is_not_logged(runs, tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(wd)))
 
 
-def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
+def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
     cfg = load_config(config_path("tiny"))
     state = {"w": np.arange(1000, dtype=np.float32), "step": np.int32(0)}
     ckpts = TrainCheckpoints(tmp_path / "checkpoints", keep=5)
@@ -207,12 +207,12 @@ def test_torn_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
                           state)  # fmt: skip
     step, restored, data = TrainCheckpoints(tmp_path / "checkpoints", 5).restore_latest(target, cfg)
     assert step == 1 and int(restored["step"]) == 1 and data == {"position": 1}
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "3.orbax-checkpoint-tmp-123: a save that never finished" in err
     assert f"checkpoint {tmp_path / 'checkpoints' / '2'} does not restore" in err
 
 
-def test_loading_a_workdir_falls_back_past_a_truncated_checkpoint(runs, tmp_path, capsys):
+def test_loading_a_workdir_falls_back_past_a_truncated_checkpoint(runs, tmp_path, caplog):
     """`m2det eval/detect/export` on a training workdir whose newest checkpoint is damaged
     load the one before, with a warning, as resuming does; the run used 2 devices and this
     process has 1 (the state restores onto whatever devices load it)."""
@@ -224,6 +224,6 @@ def test_loading_a_workdir_falls_back_past_a_truncated_checkpoint(runs, tmp_path
         if f.is_file() and f.stat().st_size > 100:
             f.write_bytes(f.read_bytes()[:7])
     got, want = _params(torn), _params(older)
-    assert f"checkpoint {torn / 'checkpoints' / '6'} does not restore" in capsys.readouterr().err
+    assert f"checkpoint {torn / 'checkpoints' / '6'} does not restore" in caplog.text
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
