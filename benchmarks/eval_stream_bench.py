@@ -1,5 +1,5 @@
 """Evaluation's host side at COCO val size: the dense path (every image's K padded rows
-gathered, then converted) against streaming (`evaluate.compact_detections` on the device,
+gathered, then converted) against streaming (`evaluation.compact_detections` on the device,
 then only the valid rows of each batch converted and kept), side by side in one run.
 
 Input: a generated 5,000-image split in batches of 64, K = 80 classes x 50 = 4,000 rows

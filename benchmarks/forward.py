@@ -1,13 +1,13 @@
 """Forward speed of M2Det on whatever devices exist: s/img at batch B, compile time apart,
 and the fraction of the machine's measured matmul peak (2 x MACs / time / peak), with XLA's
-default CPU flags and with `runtime.CPU_CONV_FLAGS`, side by side in one run (each setting
+default CPU flags and with `perf.runtime.CPU_CONV_FLAGS`, side by side in one run (each setting
 in its own subprocess: XLA reads its flags once per process).
 
   python benchmarks/forward.py --configs m2det320_vgg m2det512_vgg --batch 1
 
 Two paths of ours are timed: "apply" is `jax.jit(model.apply)` (the model's own call,
 direct convolutions) and "inference" is `models.apply_inference` on
-`predict.prepare_variables(cfg, variables)`, what evaluation, `m2det detect`, `m2det
+`inference.prepare_variables(cfg, variables)`, what evaluation, `m2det detect`, `m2det
 export` and `m2det benchmark` run (with the default `eval.winograd="auto"` on a CPU: the
 wide 3x3 convolutions as Winograd F(4x4, 3x3)). `--config.eval.winograd=off` style
 overrides go through `--set`.

@@ -210,7 +210,8 @@ def main():
     ap.add_argument("--full-repeats", type=int, default=5,
                     help="repeats of 'np full' (fewer once 5 s are spent)")
     ap.add_argument("--malloc", choices=("default", "kept"), default="default",
-                    help="kept: glibc keeps freed memory (m2det_jax.perf.runtime.keep_freed_memory)")
+                    help="kept: glibc keeps freed memory "
+                         "(m2det_jax.perf.runtime.keep_freed_memory)")
     args = ap.parse_args()
     malloc = args.malloc
     if malloc == "kept" and not runtime.keep_freed_memory():

@@ -2,7 +2,7 @@
 
 Every subcommand takes `--config path.py` (or a shipped name) plus `--config.a.b=value`
 overrides. `--xla_cpu_conv_flags` (or M2DET_XLA_CPU_CONV_FLAGS=1) opts in to
-`runtime.CPU_CONV_FLAGS` before JAX starts.
+`perf.runtime.CPU_CONV_FLAGS` before JAX starts.
 """
 
 from __future__ import annotations

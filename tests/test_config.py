@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -12,10 +13,63 @@ from tests.helpers import CONFIGS, config_path
 SHIPPED = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py") and f[0] != "_")
 
 
+def _expected(name: str) -> dict:
+    """What a shipped config's name promises: input size, backbone, class count."""
+    if name == "shapes":
+        return {"input_size": 128, "num_classes": 5, "dataset": "shapes"}
+    if name == "tiny":
+        return {"input_size": 64, "backbone": "resnet18", "num_classes": 4}
+    m = re.fullmatch(r"m2det(\d+)_(vgg|resnet101)(_voc)?", name)
+    assert m, f"unexpected shipped config name {name}"
+    return {"input_size": int(m[1]), "backbone": {"vgg": "vgg16"}.get(m[2], m[2]),
+            "num_classes": 21 if m[3] else 81,
+            "dataset": "voc" if m[3] else "coco/2017"}
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_config_loads(name):
+def test_every_shipped_config_loads_what_its_name_says(name):
     cfg = load_config(config_path(name))
-    assert cfg.model.num_classes >= 2
+    got = {"input_size": cfg.model.input_size, "backbone": cfg.model.backbone,
+           "num_classes": cfg.model.num_classes, "dataset": cfg.data.dataset}
+    want = _expected(name)
+    assert {k: got[k] for k in want} == want
+    assert cfg.is_locked
+
+
+def test_a_loaded_config_is_locked_and_names_the_closest_field():
+    cfg = load_config(config_path("tiny"))
+    with pytest.raises(AttributeError, match="batch_size"):
+        cfg.train.batch_sise  # noqa: B018
+    with pytest.raises(AttributeError, match="cannot be added"):
+        cfg.train.batch_sise = 4
+    cfg.train.batch_size = 4  # existing fields stay settable
+    assert cfg.train.batch_size == 4
+
+
+def test_a_misspelt_field_in_a_config_file_is_refused(tmp_path):
+    f = tmp_path / "typo.py"
+    f.write_text("from m2det_jax.config import default_config\n\n\ndef get_config():\n"
+                 "    c = default_config()\n    c.train.batch_sise = 8\n    return c\n")
+    with pytest.raises(ValueError, match=r"typo.py: unknown field\(s\) train.batch_sise "
+                                         r"\(did you mean 'batch_size'\?\)"):
+        load_config(f)
+
+
+def test_an_unknown_override_names_the_closest_field():
+    with pytest.raises(ValueError, match=r"unknown config field 'train.batch_sise' "
+                                         r"\(did you mean 'batch_size'\?\)"):
+        load_config(config_path("tiny"), ["train.batch_sise=8"])
+
+
+def test_defaults_are_not_restated_where_fields_are_read():
+    """Every default lives in `config.defaults`: no `cfg.<section>.get(field, default)`."""
+    pattern = re.compile(r"\bcfg(\.\w+)*\.get\(|cfg\[[^]]+\]\.get\(")
+    pkg = os.path.join(os.path.dirname(CONFIGS), "m2det_jax")
+    hits = [f"{os.path.relpath(os.path.join(d, f), pkg)}:{i}"
+            for d, _, files in os.walk(pkg) for f in files if f.endswith(".py")
+            for i, line in enumerate(open(os.path.join(d, f)), 1) if pattern.search(line)]
+    assert not hits, hits
+    assert pattern.search('x = cfg.train.get("remat", "none")')
 
 
 def test_loads_by_path_from_any_directory(tmp_path):

@@ -11,7 +11,7 @@ POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
 # nn.remat: only block boundaries are kept for backward); "dots" (the same blocks, conv /
 # matmul outputs kept too); "full" (the whole network under one remat: only its inputs are
 # kept, but its backward recomputes everything at once, so the peak does not fall).
-# Measured as what the backward holds from the forward (`costs.held_for_backward_bytes`,
+# Measured as what the backward holds from the forward (`perf.costs.held_for_backward_bytes`,
 # m2det320_vgg, batch 16, float32): none 8099 MiB, dots 4705, stages 2317, at +15 % step
 # FLOPs. XLA:CPU's scheduler recomputes early, so its compiled temp memory does not fall
 # (accelerator compilers schedule for memory); train.grad_accum_steps lowers it there too.

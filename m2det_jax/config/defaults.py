@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.winograd_min_channels = 256
     c.eval.winograd_min_pixels = 400
     # Detections kept per image, compacted on the device before they reach the host
-    # (`evaluate.compact_detections`): the highest-scoring ones. 0 keeps every valid row
+    # (`evaluation.compact_detections`): the highest-scoring ones. 0 keeps every valid row
     # (the original's evaluation: no per-image cap); 100 is COCO's submission rule.
     c.eval.max_detections = 0
 

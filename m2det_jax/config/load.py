@@ -123,7 +123,7 @@ def _merge_json(cfg: ml_collections.ConfigDict, values: dict, where: str = "") -
         return v
 
     for k, v in values.items():
-        cur = cfg.get(k)
+        cur = cfg[k] if k in cfg else None  # a stored field unknown here: kept as is
         if isinstance(cur, ml_collections.ConfigDict) and isinstance(v, dict):
             _merge_json(cur, v, f"{where}{k}.")
         else:

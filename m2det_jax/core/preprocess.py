@@ -2,8 +2,8 @@
 
 `normalize` is the only place the formula is written. The input pipeline sends uint8
 RGB images, and every program applies it on the device: the train step
-(`train.device_inputs`), evaluation and `m2det detect` (`predict.make_predict_fn` /
-`make_tta_fn`) and the served function (`export.make_serving_fn`). It takes numpy arrays
+(`train.device_inputs`), evaluation and `m2det detect` (`inference.make_predict_fn` /
+`make_tta_fn`) and the served function (`inference.export.make_serving_fn`). It takes numpy arrays
 (returns numpy, on the host) or jax arrays (returns jax, e.g. inside a jitted step), with
 the same float32 arithmetic either way (tested equal).
 

@@ -6,7 +6,7 @@ Order: scales from the largest map to the smallest, then rows (y), then columns 
 is center form (cx, cy, w, h), normalized, clamped to [0, 1] as a whole.
 
 The functions take the config (`cfg.model`, `cfg.anchors`) but never import the config
-module: `config.validate` calls them to check the geometry of a config.
+module: `config.checks.validate` calls them to check the geometry of a config.
 """
 
 from __future__ import annotations

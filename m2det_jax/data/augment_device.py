@@ -1,6 +1,6 @@
 """Training augmentation on the accelerator: batched, static-shape, jittable jax.numpy.
 
-The on-device twin of `data.augment.train_augment` (the original M2Det `preproc`), run
+The on-device twin of `data.augment_host.train_augment` (the original M2Det `preproc`), run
 inside the jitted train step when `data.augment_on_device` is set. The host only decodes
 each image and pads it into a fixed uint8 canvas [C, C, 3] (content at the top-left
 [:h, :w], zeros elsewhere) with its true (height, width). The steps, per image and in the

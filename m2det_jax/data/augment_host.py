@@ -36,7 +36,7 @@ the lookups and the resize.
 Images are uint8 RGB [H, W, 3] (OpenCV's HSV conversion gives the same H, S, V for RGB
 input with the RGB codes as the original's BGR input with the BGR codes); boxes are
 normalized [x1, y1, x2, y2]. The channel order and means of `cfg.preprocess` are applied
-later, on the device (`m2det_jax.preprocess`).
+later, on the device (`m2det_jax.core.preprocess`).
 
 `resize(image, size)` with the default INTER_LINEAR is the test-time resize, bit for bit
 the original's `cv2.resize` (OpenCV's fixed-point bilinear, no antialiasing).

@@ -1,11 +1,11 @@
 """Dataset name -> prepared TFDS builder: the one place `cfg.data.dataset` is looked up.
 
 Datasets by `cfg.data.dataset` (`GENERATED` maps the names we build ourselves):
-  * "shapes": generated on first use (`shapes.build_shapes`).
+  * "shapes": generated on first use (`data.sources.shapes.build_shapes`).
   * "coco_folder": built on first use from `cfg.data.image_dir` + `cfg.data.annotation_file`
-    (`coco_folder.build_coco_folder`).
+    (`data.sources.coco_folder.build_coco_folder`).
   * "voc_folder": built on first use from the VOC-format folder `cfg.data.root`
-    (`voc_folder.build_voc_folder`; classes `cfg.data.class_names`, or inferred).
+    (`data.sources.voc_folder.build_voc_folder`; classes `cfg.data.class_names`, or inferred).
   * "voc": PASCAL VOC07+12 (`ALIASES`): TFDS voc/2007, whose "trainval" is followed by
     voc/2012's "trainval" for training; evaluation reads voc/2007 (its "test").
   * any other name, e.g. "coco/2017", "voc/2007", "voc/2012" (or any TFDS detection set

@@ -3,7 +3,7 @@
 A batch (b examples, G = max boxes, S = input size):
     image        uint8   [b, S, S, 3]  RGB pixels (zeros on padding); the channel order,
                                        means and scale are applied on the device
-                                       (`m2det_jax.preprocess`, inside the jitted program)
+                                       (`m2det_jax.core.preprocess`, inside the jitted program)
     boxes        float32 [b, G, 4]     normalized [x1, y1, x2, y2], zero padded
     labels       int32   [b, G]        1..C-1 (0 on padding)
     valid        bool    [b, G]

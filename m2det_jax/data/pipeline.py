@@ -3,7 +3,7 @@
     it = make_train_iterator(cfg)            # endless, shuffled, augmented
     batch = next(it)                         # dict of numpy arrays, see `iterator`
     state = it.get_state(); it.set_state(state)   # exact resume (JSON-able dict)
-    # batch["image"] is uint8 RGB: `m2det_jax.preprocess` runs on the device
+    # batch["image"] is uint8 RGB: `m2det_jax.core.preprocess` runs on the device
     it.stats                                 # DataStats: bad data, truncation, ...
 
     for batch in make_eval_iterator(cfg):    # one pass; every image exactly once
@@ -22,7 +22,7 @@ main process (workers send per-example counts with each example) and are part of
 iterator state, so they survive a resume.
 
 The pipeline never knows anchors or the model; making global jax arrays from these
-per-host batches is `sharding.py`'s job.
+per-host batches is `distributed.py`'s job.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PASCAL VOC detection metric, computed as the original M2Det's `voc_eval.py`.
+"""The PASCAL VOC detection metric, computed as the original M2Det's `evaluation/voc.py`.
 
     m = voc_evaluate(ground_truth, detections, class_names, use_07_metric=True)
     m["mAP"], m["AP/dog"]

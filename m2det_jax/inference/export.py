@@ -3,7 +3,7 @@
 `export(cfg, variables, out)` writes
 
 * `out/variables`: {"params", "batch_stats"} only (no optimizer state), optionally stored
-  as bfloat16 (`bf16=True`, half the size; `checkpoints.load_variables` restores them as
+  as bfloat16 (`bf16=True`, half the size; `checkpoints.variables.load_variables` restores them as
   float32, the dtype of the model's variables).
 * a serving artefact of preprocess + network + decode + NMS with the weights baked in:
   - `out/serving.jax_export` (default, no TensorFlow needed): `jax.export` serialization
@@ -20,9 +20,9 @@
   `--checkpoint` without `--config`.
 
 The served function: `fn(images, image_sizes)` with `images` uint8 RGB [B, S, S, 3] already
-resized to the config's input size S (cv2 INTER_LINEAR, see `predict.prepare_images`) and
+resized to the config's input size S (cv2 INTER_LINEAR, see `inference.prepare_images`) and
 `image_sizes` float32 [B, 2] (height, width) of the original images; it applies the
-config's channel order / means / scale (`preprocess.preprocess`, inside the program) and
+config's channel order / means / scale (`core.preprocess.preprocess`, inside the program) and
 returns `postprocess.detect`'s fixed-size dict (boxes in
 pixels of image_sizes, scores, classes, valid, num_dropped, num_tie_dropped).
 """
@@ -218,7 +218,7 @@ def export(
         (whose batch is always fixed).
       serving: "jax" (jax.export), "savedmodel" (orbax-export, needs TF), "auto" (SavedModel
         when available, else jax.export) or "none".
-      labels: {"class_names", "category_ids"} (`checkpoints.read_labels` of the source),
+      labels: {"class_names", "category_ids"} (`checkpoints.variables.read_labels` of the source),
         stored with the variables and in serving.json.
     Returns:
       {what: path} of everything written.

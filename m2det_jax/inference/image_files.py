@@ -2,7 +2,7 @@
 
 * `list_images` / `load_image`: a file, a folder or a glob; unreadable files are reported,
   never fatal.
-* `detect_files`: every readable image through `predict.make_detector` (plain, or the
+* `detect_files`: every readable image through `inference.make_detector` (plain, or the
   configured test-time augmentation), one drawn image per input and `detections.json`.
 * `draw_detections` / `detections_to_records`: labelled boxes on the original image and the
   JSON rows of `detections.json`.

@@ -1,5 +1,5 @@
 """Winograd F(4x4, 3x3) convolution for inference (float32; on by default on a CPU through
-`eval.winograd="auto"`, see `predict.prepare_variables`).
+`eval.winograd="auto"`, see `inference.prepare_variables`).
 
 A 3x3 stride-1 convolution computes each 4x4 block of outputs from a 6x6 input tile with
 144 multiplications per input / output channel pair; Winograd's minimal filtering

@@ -3,7 +3,7 @@ forward pass and the machine's matmul peak.
 
 The paper (M2Det, Table 1 "Time") times one image at a time, network + NMS, on a Titan X;
 `run_benchmark` measures the same protocol here (batch 1, the whole jitted
-`predict.make_predict_fn`, mean over `iters` calls after a warm-up), the throughput of
+`inference.make_predict_fn`, mean over `iters` calls after a warm-up), the throughput of
 batched inference, and `postprocess.detect` alone for the original-compatible settings of
 the config and for `standard_postprocess(cfg)`. Compilation is timed separately and never
 counted in the per-image numbers. Without a checkpoint the weights are random (the

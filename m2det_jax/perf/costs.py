@@ -6,7 +6,7 @@ abstractly (`jax.eval_shape`, nothing is allocated), lowers and compiles the rea
 alone, and returns what XLA says about them: FLOPs per image (`cost_analysis`), the memory
 plan (`memory_analysis`: arguments, outputs, temporaries, aliased = donated bytes) and the
 compile time, next to the analytic forward cost (2 x the convolution MACs of
-`stats.count_macs`). `time_train_step` also runs the step (random batch) and reports
+`perf.stats.count_macs`). `time_train_step` also runs the step (random batch) and reports
 seconds per step, images/s and the model FLOPs utilisation (MFU) against the device's
 dense peak (`PEAK_TFLOPS`, or one the caller gives).
 

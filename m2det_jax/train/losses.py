@@ -34,7 +34,7 @@ def _match_one(
       labels: [G] int, 1..C-1.
       valid: [G] bool.
       priors: [P, 4] (cx, cy, w, h).
-      priors_xyxy: [P, 4] `box_ops.cxcywh_to_xyxy(priors)`.
+      priors_xyxy: [P, 4] `core.box_ops.cxcywh_to_xyxy(priors)`.
 
     Returns:
       loc_t [P, 4] encoded targets (0 where the prior is not positive) and conf_t [P]

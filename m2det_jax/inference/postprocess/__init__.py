@@ -68,14 +68,14 @@ alone with `PostprocessSettings(..., fast=False)` (accepted wherever a config is
 
 Float32 exactness: XLA:CPU contracts `a * b + c` into fused multiply-adds, which the
 original's C float code does not; the IoU guards its products against contraction, and
-`box_ops.decode` and `box_ops.scale_xyxy` do too, so IoU and decayed scores are
+`core.box_ops.decode` and `core.box_ops.scale_xyxy` do too, so IoU and decayed scores are
 bit-identical to the C loop for identical input boxes. Between programs, two things can
 differ in the last bit (an ulp or two, within 1e-6 of the original's scores):
 * the sparse layouts of `detect` soft-max only the gathered rows of the priors that may
   hold a candidate, and XLA may sum a [B, U, C] array's classes in another order than a
   [B, P, C] array's (all priors: `decode_and_score`, the plain path, the all-priors
   layouts);
-* with more than one image, XLA rewrites `box_ops.decode`'s (loc * variance) * size as
+* with more than one image, XLA rewrites `core.box_ops.decode`'s (loc * variance) * size as
   loc * (variance * size) when the priors [P, 4] are broadcast over the batch (all
   priors), but not when they are gathered per image (sparse layouts), so a box can
   differ by an ulp between those programs.

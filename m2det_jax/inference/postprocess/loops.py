@@ -18,7 +18,7 @@ or once no task has anything left.
   `scores.argsort()[::-1]`, a stable ascending sort reversed, so among exactly equal
   scores the later prior comes first; so does this loop.
 
-All float32; the IoU is `box_ops.iou`'s formula (the original's C / CUDA float code)
+All float32; the IoU is `core.box_ops.iou`'s formula (the original's C / CUDA float code)
 with its products kept out of fused multiply-adds (`arrays.no_contract`), so IoU and
 decayed scores are bit-identical to the C loop for identical input boxes.
 """

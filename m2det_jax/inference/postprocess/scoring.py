@@ -13,7 +13,7 @@ the same things, so one implementation serves both:
   is exact; from logits it is decided without exp (see `LogitScorer.maybe_candidates`).
 
 A gathered probability is the probability itself, and a prior's box is computed by the
-same float32 operations whatever the program (`box_ops.decode` and `box_ops.scale_xyxy`
+same float32 operations whatever the program (`core.box_ops.decode` and `core.box_ops.scale_xyxy`
 keep their products out of fused multiply-adds). What XLA can still round differently
 between programs (the package docstring): the softmax of gathered logits vs all of them
 (class sums in another order), and, for more than one image, the decode of priors
