@@ -4,6 +4,7 @@ the split scored once; and `m2det train` end to end on a tiny shapes set."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -177,13 +178,29 @@ def test_tta_eval_scores_every_image_once(shapes, tmp_path):
     written = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert written["num_images"] == 8 and set(METRIC_NAMES) <= set(written)
     assert written["num_detections"] == int(multi["valid"].sum()) == metrics["num_detections"]
-    # Streaming scores what the dense path (all K rows of every image at once) scored.
+    # Streaming scores what the dense path scores: every batch's full [B, K] detections
+    # straight from the TTA program (no device compaction, no gather, no per-batch rows),
+    # converted once at the end.
     from m2det_jax import data
     from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array
+    from m2det_jax.inference import config_for_size, make_tta_fn, prepare_variables
 
+    sizes = (64, 96)
+    its = [data.make_eval_iterator(config_for_size(cfg_multi, s), builder=builder) for s in sizes]
+    fn, pv, dense_dets = make_tta_fn(cfg_multi, sizes), prepare_variables(cfg_multi, v), []
+    for _ in range(its[0].num_batches):
+        batches = [next(it) for it in its]
+        m = batches[0]["mask"].astype(bool)
+        hw = np.where(m[:, None], batches[0]["image_sizes"], 1).astype(np.float32)
+        d = jax.device_get(fn(pv, tuple(b["image"] for b in batches), hw))
+        dense_dets.append({**{k: np.asarray(d[k])[m] for k in ("boxes", "scores", "classes",
+                                                               "valid")},
+                           "image_id": batches[0]["image_id"][m]})  # fmt: skip
+    cat = {k: np.concatenate([b[k] for b in dense_dets]) for k in dense_dets[0]}
     dense = coco_evaluate(data.ground_truth(builder, cfg.data.eval_split), coco_results_array(
-        multi["boxes"], multi["scores"], multi["classes"], multi["valid"], multi["image_id"],
-        data.category_ids(builder)), image_ids=multi["image_id"])  # fmt: skip
+        cat["boxes"], cat["scores"], cat["classes"], cat["valid"], cat["image_id"],
+        data.category_ids(builder)), image_ids=cat["image_id"])  # fmt: skip
+    assert int(cat["valid"].sum()) == metrics["num_detections"]
     assert {k: dense[k] for k in METRIC_NAMES} == {k: metrics[k] for k in METRIC_NAMES}
     # eval.max_detections: at most that many per image reach the host and the metrics.
     capped = load_config(config_path("tiny"), [*base, "eval.max_detections=3"])

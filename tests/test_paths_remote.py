@@ -194,10 +194,10 @@ def test_training_from_a_prepared_folder_writes_nothing_there_and_logs_mfu(
         # Against the configured peak of 1 TFLOP/s: mfu = achieved TFLOP/s / 1.
         assert r["mfu"] == pytest.approx(r["device_tflops"])
         assert 0 < r["mfu"] < 1
-    # device_tflops x step_time is the compiled step's FLOPs: the same at every log step,
-    # and what `m2det benchmark --train` reports for the step (which has no device-side
-    # augmentation and no mesh, hence the margin).
-    per_step = [r["device_tflops"] * 1e12 * r["step_time"] for r in train_rows]
-    assert per_step[0] == pytest.approx(per_step[1], rel=1e-6)
+    # device_tflops x step_time is the FLOPs the meter credits each step with: the compiled
+    # step's, what `m2det benchmark --train` reports (which has no device-side augmentation
+    # and no mesh, hence the margin). A meter counting another program (or per device
+    # instead of per step) is off by far more.
     want = train_step_cost(cfg, 4, forward=False)["step_flops_per_image"] * 4
-    assert per_step[0] == pytest.approx(want, rel=0.2)
+    for r in train_rows:
+        assert r["device_tflops"] * 1e12 * r["step_time"] == pytest.approx(want, rel=0.2)

@@ -85,13 +85,27 @@ def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir, shapes):
     steps = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
     last = max(_losses(wd))
     assert steps and steps[-1] >= last
-    # The saved step restores: its variables load for the same config.
+    # The saved step restores as a training state: the state and the input position of that
+    # same step (what a rerun resumes from), and its variables load for the same config.
+    import functools
+
     import jax
 
+    from m2det_jax.checkpoints.training import TrainCheckpoints
     from m2det_jax.checkpoints.variables import load_variables
+    from m2det_jax.models import build_model
+    from m2det_jax.train.optim import make_optimizer
+    from m2det_jax.train.step import TrainState
 
-    restored = load_variables(wd, load_config(config_path("tiny"), real_overrides(shapes[0])))
-    assert set(restored) == {"params", "batch_stats"}
+    cfg = load_config(config_path("tiny"), real_overrides(shapes[0]))
+    tx = make_optimizer(cfg, learning_rate_schedule(cfg, 1))
+    abstract = jax.eval_shape(functools.partial(TrainState.create, build_model(cfg), tx, cfg),
+                              jax.random.key(0))  # fmt: skip
+    step, state, data = TrainCheckpoints(wd / "checkpoints", 3).restore_latest(abstract, cfg)
+    assert step == steps[-1] and int(state.step) == step
+    assert data["position"] == step * data["global_batch"]
+    restored = load_variables(wd, cfg)
+    jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
 
 

@@ -12,8 +12,10 @@ POSTPROCESS_METHODS = ("soft_linear", "soft_gaussian", "hard")
 # matmul outputs kept too); "full" (the whole network under one remat: only its inputs are
 # kept, but its backward recomputes everything at once, so the peak does not fall).
 # Measured as what the backward holds from the forward (`perf.costs.held_for_backward_bytes`,
-# m2det320_vgg, batch 16, float32): none 8099 MiB, dots 4705, stages 2317, at +15 % step
-# FLOPs. XLA:CPU's scheduler recomputes early, so its compiled temp memory does not fall
+# column "held MiB" of `m2det benchmark --config configs/m2det320_vgg.py --train --batch 16
+# --no_run --config.train.remat=MODE`; "step GFLOP/img" is the recompute's price): dots
+# holds less than none and stages least, for a few more step FLOPs (figures: docs/speed.md).
+# XLA:CPU's scheduler recomputes early, so its compiled temp memory does not fall
 # (accelerator compilers schedule for memory); train.grad_accum_steps lowers it there too.
 REMAT_MODES = ("none", "stages", "dots", "full")
 METRICS = ("auto", "coco", "voc")

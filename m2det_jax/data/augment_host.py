@@ -20,18 +20,20 @@ and in the same order:
 An image without boxes is only resized. Every random draw comes from the
 `np.random.Generator` passed in, so results are a function of its seed.
 
-Where the time goes (cProfile, 640x480 JPEGs, input 320, one core). The original spends
-19 ms per image: 24 % building the expanded canvas (up to 16x the pixels), 23 % resizing
-that canvas, 21 % in its Python crop loop (one IoU call per trial), 13 % decoding and 13 %
-in the float64 copies of brightness / contrast and the HSV round trip. Here the 50 trials
-of a mode are tested at once; brightness and contrast are one 256-entry lookup table (the
-same truncating arithmetic, exactly), hue and saturation another; steps 3-5 never build
-the canvas: the image is resized straight into its place on a size x size output filled
-with the means, and mirrored there. The placement is rounded to whole output pixels and
-the boxes follow that rounded placement, so pixels and boxes agree exactly; against
-resizing the full canvas only the pixels at the image's border differ. What is left is
-~4.6 ms: a third decoding (`cv2.imdecode`, libjpeg-turbo), then the two HSV conversions,
-the lookups and the resize.
+Where the time goes (cProfile, 640x480 JPEGs, input 320, one core; profiled ad hoc, the
+shares are in docs/speed.md). The original's time goes mostly to building the expanded
+canvas (up to 16x the pixels), resizing that canvas and its Python crop loop (one IoU call
+per trial), the rest to decoding and to the float64 copies of brightness / contrast and the
+HSV round trip. Here the 50 trials of a mode are tested at once; brightness and contrast are
+one 256-entry lookup table (the same truncating arithmetic, exactly), hue and saturation
+another; steps 3-5 never build the canvas: the image is resized straight into its place on a
+size x size output filled with the means, and mirrored there. The placement is rounded to
+whole output pixels and the boxes follow that rounded placement, so pixels and boxes agree
+exactly; against resizing the full canvas only the pixels at the image's border differ. What
+is left is decoding (`cv2.imdecode`, libjpeg-turbo), the two HSV conversions, the lookups
+and the resize. Images per second per core, ours beside the original's: `python
+benchmarks/input_pipeline.py --coco_like --original PATH`, rows "ours, train (host
+augmentation)" and "original, train (imread + preproc)".
 
 Images are uint8 RGB [H, W, 3] (OpenCV's HSV conversion gives the same H, S, V for RGB
 input with the RGB codes as the original's BGR input with the BGR codes); boxes are

@@ -1,12 +1,13 @@
 """Process-level settings for XLA:CPU, all opt-in (the library applies none on import).
 
 * `use_cpu_conv_flags()`: turns XLA:CPU's YNNPACK fusions off (`CPU_CONV_FLAGS`), which made
-  the VGG forward pass 20-25 % faster on the machines we measured (an AMD EPYC with AVX2 and
-  an Intel Xeon with AVX-512; `python benchmarks/forward.py` prints both settings side by
-  side with the CPU model). It must run before JAX starts its backend, changes nothing on
-  GPU/TPU, and is only known to jaxlib 0.10 (an unknown XLA flag aborts the process, so it
-  is refused for other versions). The CLI applies it with `--xla_cpu_conv_flags` or
-  `M2DET_XLA_CPU_CONV_FLAGS=1`; measure on your machine before relying on it.
+  the VGG forward pass faster on the machines we measured (an AMD EPYC with AVX2 and an
+  Intel Xeon with AVX-512; `python benchmarks/forward.py` prints both settings side by side
+  with the CPU model; figures in docs/speed.md). It must run before JAX starts its backend,
+  changes nothing on GPU/TPU, and is only known to jaxlib 0.10 (an unknown XLA flag aborts
+  the process, so it is refused for other versions). The CLI applies it with
+  `--xla_cpu_conv_flags` or `M2DET_XLA_CPU_CONV_FLAGS=1`; measure on your machine before
+  relying on it.
 * `keep_freed_memory()`: glibc keeps freed memory for reuse (see its docstring).
 """
 
@@ -66,10 +67,12 @@ def keep_freed_memory() -> bool:
     XLA:CPU allocates each execution's temporary buffers afresh and frees them afterwards.
     glibc serves allocations above its mmap threshold (at most 32 MiB) with a fresh `mmap`
     and returns them with `munmap`, so every execution whose buffers exceed that pays a
-    page fault (and the kernel's zeroing) for every 4 KiB page it touches, about 0.35 ms
-    per MiB on a 2-core development machine. Post-processing at 512 px keeps its
-    temporaries at ~31 MiB for one image, but a batch of several images (or a larger
-    input) exceeds the threshold again (`benchmarks/postprocess_bench.py --malloc`).
+    page fault (and the kernel's zeroing) for every 4 KiB page it touches, a cost per call
+    that grows with the memory touched (timed ad hoc; figure in docs/speed.md).
+    Post-processing at 512 px keeps its temporaries just under the threshold for one image
+    (`python benchmarks/postprocess_kernels.py --part kernels`, row "detect temporaries at
+    512 px"), but a batch of several images (or a larger input) exceeds the threshold again
+    (`benchmarks/postprocess_bench.py --malloc kept` against the default).
 
     With `mallopt(M_MMAP_MAX, 0)` and `mallopt(M_TRIM_THRESHOLD, 2**31 - 1)` the resident
     size stays at its peak instead of shrinking between calls, the usual trade-off of

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 
 # Indices built in this package are in bounds by construction; saying so lets XLA:CPU emit
-# plain gathers / scatters. `python benchmarks/postprocess_kernels.py`, "gather [6, 8, 256]":
-# default (clamp-and-mask) mode 68 us vs promise_in_bounds 21 us.
+# plain gathers / scatters, faster than the default (clamp-and-mask) mode: `python
+# benchmarks/postprocess_kernels.py`, row "gather [6, 8, 256]".
 IN_BOUNDS = "promise_in_bounds"
 
 

@@ -10,34 +10,32 @@ A layout is (U, tiers): the U priors kept before the per-class work and
 ((classes, buffer), ...) for the busiest classes first; classes past the last tier must
 have no candidate at all.
 
-Each layout with the `python benchmarks/postprocess_kernels.py` row that keeps it
-("detect 320 px, <layout>": the set without it vs the full set, on a batch it runs for;
-AMD EPYC, 2 cores; the pre-filter that picks the sparse priors is part of every sparse
-row):
+Each layout with the `python benchmarks/postprocess_kernels.py --part layouts` row that
+keeps it ("detect 320 px, <layout>": the set without it vs the full set, on a batch it runs
+for; the pre-filter that picks the sparse priors is part of every sparse row; the figures
+of one run are in docs/speed.md, "the measurements behind its comments"):
   * sparse (U = `fast_priors`, then `sparse_priors`): only the first U priors that may
     hold a candidate (`scorer.maybe_candidates`), in prior order; needs no image to have
     more such priors. Within them:
       - fast (the smallest U only): only the `fast_classes` busiest classes, a
         `fast_candidates` buffer (needs: every other class has no candidate, none has
         more than that), then the same classes with twice that buffer (the loops' cost
-        grows with the buffer: row "soft-NMS, 50 selections", 8 x 256 0.75 ms vs
-        8 x 128 0.47 ms). Row "fast": 2.2 ms without the fast layouts vs 0.81 ms;
-        row "fast x2": 2.7 ms vs 1.2 ms;
+        grows with the buffer: `--part kernels`, row "soft-NMS, 50 selections", 8 x 256
+        vs 8 x 128). Rows "fast" and "fast x2";
       - tiered: the `tier_classes` busiest classes of each image get the full buffer,
         the others a `tier_candidates` buffer (needs: every other class has at most that
-        many candidates); row "sparse 256 tiered": 12.2 ms without tiers vs 3.6 ms;
-      - every class with the full buffer (always exact within U); row "sparse 256 all":
-        8.1 ms without the 256 group vs 4.3 ms; row "sparse 512": 10.0 ms without the
-        512 group vs 4.5 ms; row "sparse 512 all": 28 ms vs 20 ms;
-  * all priors: tiered (row "all priors tiered": 49 ms without tiers vs 14 ms), then
-    plain (the fallback, always exact).
-The whole fast path against the plain implementation: rows "detect 320 px, typical"
-30 ms vs 1.3 ms, "crowded" 42 ms vs 12 ms, "dense, no exact ties" 31 ms vs 15 ms.
+        many candidates); row "sparse 256 tiered";
+      - every class with the full buffer (always exact within U); rows "sparse 256 all"
+        (without the 256 group), "sparse 512" (without the 512 group) and "sparse 512
+        all";
+  * all priors: tiered (row "all priors tiered"), then plain (the fallback, always exact).
+The whole fast path against the plain implementation: rows "detect 320 px, typical",
+"detect 320 px, crowded" and "detect 320 px, dense, no exact ties".
 Few layouts on purpose: every compiled layout costs every call time, run or not
 (XLA:CPU's runtime sets up each buffer of the program per call, constants and the scratch
-of every reduction and sort included; row "cond, branch not taken": 100 sorts 224 us vs
-empty 60 us), so the rarely useful ones (fast layouts past the first U, the busiest
-classes with the full buffer) are not compiled.
+of every reduction and sort included; `--part kernels`, row "cond, branch not taken": a
+never-taken branch of 100 sorts vs an empty one), so the rarely useful ones (fast layouts
+past the first U, the busiest classes with the full buffer) are not compiled.
 """
 
 from __future__ import annotations

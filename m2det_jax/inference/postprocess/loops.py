@@ -175,10 +175,10 @@ def decay(ov: jnp.ndarray, s: PostprocessSettings) -> jnp.ndarray:
 def first_max(score: jnp.ndarray, live: jnp.ndarray) -> jnp.ndarray:
     """Per task, the first position holding the maximum live score: [N, kb] -> [N].
 
-    A max, then the least position at it (two reductions): `python
-    benchmarks/postprocess_kernels.py`, "first maximum 16 x 1000, 50 times": jnp.argmax
-    2.1 ms vs loops.first_max 0.57 ms. A task without a live entry gets some position in 0..kb-1
-    (callers check liveness themselves).
+    A max, then the least position at it (two reductions), faster than `jnp.argmax` on
+    XLA:CPU: `python benchmarks/postprocess_kernels.py`, row "first maximum 16 x 1000, 50
+    times". A task without a live entry gets some position in 0..kb-1 (callers check
+    liveness themselves).
     """
     kb = score.shape[1]
     masked = jnp.where(live, score, -jnp.inf)

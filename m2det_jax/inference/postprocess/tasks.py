@@ -5,8 +5,8 @@ classes per image with a buffer of kb candidates, where R and kb come from a lay
 (`postprocess.layouts`). Two things differ from the plain code, both for speed only and
 both giving the same rows (tests/test_inference_postprocess_fast.py):
 * the candidates go back to prior order through one sort of a packed int32 key
-  (`python benchmarks/postprocess_kernels.py`, "sort 80 x 1000 by prior": (key, value)
-  sort 11.0 ms vs packed int32 key 2.0 ms);
+  (faster than a (key, value) sort on XLA:CPU: `python benchmarks/postprocess_kernels.py`,
+  row "sort 80 x 1000 by prior");
 * soft-NMS runs `untied.soft_nms_rows` (the untied loop first; its rows in untied.py).
 """
 
@@ -54,7 +54,8 @@ def select_candidates(score_t: jnp.ndarray, count: jnp.ndarray, kb: int, rows=No
       their scores [B*R, kb], n [B*R] valid entries, dropped [B*R] candidates beyond kb.
 
     For most rows of a big score_t, top_k of all of it beats copying the rows out first
-    (a copy of 8 MB at 512 px); for at most half of them the copy comes first.
+    (at 512 px the 64 lower-tier rows are 64 x 32,760 priors x 4 B = 8 MiB to copy); for
+    at most half of them the copy comes first.
     """
     b, t, u = score_t.shape
     if rows is not None and 2 * rows.shape[1] <= t:
@@ -72,8 +73,8 @@ def select_candidates(score_t: jnp.ndarray, count: jnp.ndarray, kb: int, rows=No
     slot_valid = jnp.arange(kb) < n[:, None]
     idx = jnp.where(slot_valid, top_idx, u)
     if (u + 1) * kb < 2**31:
-        # Sort (prior, slot) packed in one int32: XLA:CPU sorts one operand ~5x faster
-        # than a (key, value) pair.
+        # Sort (prior, slot) packed in one int32: XLA:CPU sorts one operand faster than a
+        # (key, value) pair (benchmarks/postprocess_kernels.py, "sort 80 x 1000 by prior").
         key = jnp.sort(idx * kb + jnp.arange(kb, dtype=idx.dtype), axis=1)
         idx, vals = key // kb, take(vals, key % kb, 1)
     else:  # pragma: no cover (more than 2**31 / kb priors)

@@ -3,10 +3,11 @@
 `soft_nms_rows` gives `loops.soft_nms_rows`'s rows bit for bit (tests:
 tests/test_inference_postprocess_fast.py): the untied loop runs first, and the C-order loop
 (`loops.soft_nms`) redoes the batch only if some step of some task had a tied maximum.
-Justified by `python benchmarks/postprocess_kernels.py`, "soft-NMS 16 x 1000, 50
-selections": C-order loop 7.0 ms vs untied loop 1.4 ms; at the detect level, "detect 320
-px, dense, no exact ties": plain implementation 31 ms vs fast path 15 ms. On a batch with
-a tie both loops run ("plain layout, dense (40 tied)": 1.0x, no loss either).
+Justified by `python benchmarks/postprocess_kernels.py`, row "soft-NMS 16 x 1000, 50
+selections" (C-order loop vs untied loop), and at the detect level row "detect 320 px,
+dense, no exact ties" (plain implementation vs fast path). On a batch with a tie both
+loops run, and row "detect 320 px, plain layout, dense" shows no loss either (figures:
+docs/speed.md).
 
 Why it is exact: where every step's maximum score is unique, the C loop's array order
 never matters. Each entry's score goes through the same decays whatever its position, and
@@ -97,9 +98,9 @@ def top1(score: jnp.ndarray):
     """Per row of [N, kb]: the maximum [N], the first position holding it [N] (int32) and
     how many positions hold it [N] (int32).
 
-    `loops.first_max`'s two reductions plus a count of the maximum (no sort): `python
-    benchmarks/postprocess_kernels.py`, "first maximum + ties, 50 times": `lax.top_k` of 2
-    (which would show a tie) 111 ms vs untied.top1 1.2 ms.
+    `loops.first_max`'s two reductions plus a count of the maximum (no sort), far cheaper
+    on XLA:CPU than `lax.top_k` of 2 (which would show a tie): `python
+    benchmarks/postprocess_kernels.py`, row "first maximum + ties, 50 times".
     """
     kb = score.shape[1]
     best = jnp.max(score, axis=1)
