@@ -19,16 +19,16 @@ ORDER = (
     "records",
     "schema",
     "coco_json",
-    "voc",
-    "shapes",
-    "coco_folder",
-    "voc_folder",
+    "sources/shapes",
+    "sources/coco_folder",
+    "sources/voc_folder",
     "builders",
-    "augment",
-    "device_augment",
+    "augment_host",
+    "augment_device",
     "examples",
     "iterator",
     "pipeline",
+    "device_feed",
 )
 
 
@@ -91,12 +91,14 @@ def _imports(module: str) -> tuple[set[str], list[int]]:
             continue
         if id(node) not in top:
             nested.append(node.lineno)
-        deps |= {n.split(".")[2] for n in names if n.startswith("m2det_jax.data.")}
+        deps |= {"/".join(n.split(".")[2:4]) if n.startswith("m2det_jax.data.sources.")
+                 else n.split(".")[2] for n in names if n.startswith("m2det_jax.data.")}
     return deps, nested
 
 
 def test_modules_import_only_upstream_and_at_top_level():
-    assert {p.stem for p in DATA_DIR.glob("*.py")} == {"__init__", *ORDER}
+    found = {str(p.relative_to(DATA_DIR))[:-3] for p in DATA_DIR.rglob("*.py")}
+    assert found == {"__init__", "sources/__init__", *ORDER}
     for i, module in enumerate(ORDER):
         deps, nested = _imports(module)
         assert deps <= set(ORDER[:i]), (module, deps - set(ORDER[:i]))
@@ -106,7 +108,7 @@ def test_modules_import_only_upstream_and_at_top_level():
 
 def test_records_and_augment_do_not_import_tfds_or_grain():
     code = (
-        "import sys, m2det_jax.data.records, m2det_jax.data.augment\n"
+        "import sys, m2det_jax.data.records, m2det_jax.data.augment_host\n"
         "from m2det_jax.data import decode_image\n"
         "bad = [m for m in ('tensorflow_datasets', 'tensorflow', 'grain') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -118,8 +120,8 @@ def test_package_exports():
     want = {
         "open_builder", "annotation_file", "category_ids", "make_train_iterator",
         "make_eval_iterator", "DataStats", "DetectionIterator", "decode_image", "data_source",
-        "decode_record", "ground_truth", "class_names", "is_voc", "voc_ground_truth",
-        "dataset_labels", "known_labels", "train_source",
+        "decode_record", "ground_truth", "class_names", "dataset_labels", "known_labels",
+        "train_source", "DevicePrefetch",
     }  # fmt: skip
     assert set(data.__all__) == want
     for name in want:

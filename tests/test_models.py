@@ -109,11 +109,12 @@ def _tiny(overrides):
     return load_config(config_path("tiny"), overrides)
 
 
-GENERALISED = [
-    ["model.input_size=72"],  # non-shipped size: 9 -> 5 -> 3 with odd maps
-    ["model.planes=24", "model.num_levels=3"],  # planes x levels != 2048
-    ["model.share_ffmv2=False", "model.share_sfam=False"],  # the paper's unshared modules
-    ["model.backbone=resnet50", "model.sfam=False"],
+GENERALISED = [  # each generalisation of the original's hard-coded network, 3 compiles
+    # a non-shipped size (9 -> 5 -> 3: odd maps), planes x levels != 2048, and the paper's
+    # unshared FFMv2 / SFAM modules
+    ["model.input_size=72", "model.planes=24", "model.num_levels=3",
+     "model.share_ffmv2=False", "model.share_sfam=False"],
+    ["model.backbone=resnet50", "model.sfam=False"],  # a Bottleneck ResNet, no SFAM
     ["model.backbone=resnet34", "model.smooth=False", "model.num_scales=4",
      "model.input_size=96"],  # fmt: skip
 ]

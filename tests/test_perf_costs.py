@@ -9,7 +9,8 @@ import pytest
 
 from m2det_jax import load_config
 from m2det_jax.cli import main
-from m2det_jax.perf.costs import format_cost_table, peak_tflops, train_step_cost
+from m2det_jax.perf.costs import format_cost_table, train_step_cost
+from m2det_jax.train.meter import peak_tflops
 from tests.helpers import OVERRIDES, ROOT, config_path
 
 
@@ -88,7 +89,7 @@ def test_cli_benchmark_train_no_run(capsys, cost2):
     # peak MiB: the compiled step's own figures.
     assert row[2:6] == ["float32", "none", "1", "2"]
     assert float(row[6]) == pytest.approx(cost2["step_flops_per_image"] * 1e-9, abs=0.006)
-    assert float(row[11]) == pytest.approx(cost2["memory"]["peak"] / 2**20, abs=0.6)
+    assert float(row[10]) == pytest.approx(cost2["memory"]["peak"] / 2**20, abs=0.6)
 
 
 def test_device_check_quick_on_cpu(cost2):

@@ -13,6 +13,7 @@ are imported inside the entry points, after them.
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -240,6 +241,9 @@ def _take(args, flag, default=None, many=False):
 
 
 if __name__ == "__main__":
+    # What `m2det train` shows (resumes, evaluations), on stdout where the tests read it.
+    logging.basicConfig(stream=sys.stdout, format="%(message)s")
+    logging.getLogger("m2det_jax").setLevel(logging.INFO)
     args = sys.argv[1:]
     nan_at = _take(args, "--nan-at")
     slow = float(_take(args, "--slow", 0.0))

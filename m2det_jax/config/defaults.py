@@ -7,11 +7,6 @@ from __future__ import annotations
 import ml_collections
 
 # The allowed values and the checks live in config_checks; re-exported here.
-from m2det_jax.config.checks import BACKBONES as BACKBONES
-from m2det_jax.config.checks import METRICS as METRICS
-from m2det_jax.config.checks import POSTPROCESS_METHODS as POSTPROCESS_METHODS
-from m2det_jax.config.checks import REMAT_MODES as REMAT_MODES
-from m2det_jax.config.checks import validate as validate
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -154,7 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
     # auto, 2 on accelerators and 0 on the CPU backend, where that thread would only take
     # cores from the step: benchmarks/prefetch.py).
     c.data.prefetch = -1
-    # Augment on the accelerator inside the jitted train step (`data.device_augment`):
+    # Augment on the accelerator inside the jitted train step (`data.augment_device`):
     # the host only decodes and pads onto a device_canvas x device_canvas uint8 canvas
     # (larger images shrunk to fit). Same distributions as the host path, not its bits.
     c.data.augment_on_device = False

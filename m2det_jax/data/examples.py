@@ -8,7 +8,7 @@ valid bool [G], image_id int64, image_sizes int32 [2] (height, width of the stor
 With `data.augment_on_device` the training example (`CanvasExample`) is only decoded and
 placed at the top-left of a zero canvas [C, C, 3] (C = data.device_canvas; a larger image
 is first shrunk to fit, aspect kept), with `canvas_sizes` int32 [2] the (height, width)
-it covers there; `data.device_augment` does the rest inside the jitted step.
+it covers there; `data.augment_device` does the rest inside the jitted step.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import cv2
 import grain.python as grain
 import numpy as np
 
-from m2det_jax.data import augment_host as augment
-from m2det_jax.data import records
+from m2det_jax.core.preprocess import resize
+from m2det_jax.data import augment_host, records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ExampleParams:
             include_crowd=bool(cfg.data.include_crowd),
             keep_difficult=bool(cfg.data.keep_difficult),
             expand_prob=float(cfg.data.expand_prob),
-            fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means),
+            fill_rgb=augment_host.fill_rgb_from(pp.channel_order, pp.pixel_means),
             canvas=int(cfg.data.device_canvas) if cfg.data.augment_on_device else 0,
         )
 
@@ -97,7 +97,7 @@ class TrainExample(grain.RandomMapTransform):
         ex, stats = records.decode_record(record, self.p.include_crowd, self.p.keep_difficult)
         if ex is None:
             return _skipped(stats)
-        img, boxes, labels, fell_back = augment.train_augment(
+        img, boxes, labels, fell_back = augment_host.train_augment(
             ex["image"],
             ex["boxes"],
             ex["labels"],
@@ -121,7 +121,7 @@ class EvalExample(grain.MapTransform):
         ex, stats = records.decode_record(record, self.p.include_crowd, self.p.keep_difficult)
         if ex is None:
             return _skipped(stats)
-        image = augment.resize(ex["image"], self.p.size)
+        image = resize(ex["image"], self.p.size)
         return _example(ex, image, ex["boxes"], ex["labels"], self.p, stats)
 
 
@@ -132,7 +132,7 @@ def place_on_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, np.ndar
     if max(h, w) > canvas:
         f = canvas / max(h, w)
         h, w = max(1, min(canvas, round(h * f))), max(1, min(canvas, round(w * f)))
-        image = augment.resize(image, (h, w), cv2.INTER_AREA)
+        image = resize(image, (h, w), cv2.INTER_AREA)
     out = np.zeros((canvas, canvas, 3), np.uint8)
     out[:h, :w] = image
     return out, np.array([h, w], np.int32)

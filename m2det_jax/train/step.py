@@ -20,8 +20,7 @@ from flax import struct
 
 from m2det_jax.checkpoints.variables import merge_variables
 from m2det_jax.core.preprocess import preprocess
-from m2det_jax.data import augment_device as device_augment
-from m2det_jax.data import augment_host as augment
+from m2det_jax.data import augment_device, augment_host
 from m2det_jax.train import accumulate
 from m2det_jax.train.losses import multibox_loss
 
@@ -57,17 +56,17 @@ class TrainState:
 
 def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
     """(network input, boxes, labels, valid) of a uint8 batch, on the device: with
-    `data.augment_on_device` the augmentation (`data.device_augment`, a key per step) and
+    `data.augment_on_device` the augmentation (`data.augment_device`, a key per step) and
     then, always, `preprocess` (channel order, means, scale)."""
     valid = batch["valid"] & batch["mask"][:, None]
     image, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
     if cfg.data.augment_on_device:
         pp = cfg.preprocess
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), 1 << 20)  # not init's key
-        out = device_augment.augment_batch(
+        out = augment_device.augment_batch(
             jax.random.fold_in(key, step), image, batch["canvas_sizes"], boxes, labels, valid,
             size=int(cfg.model.input_size), expand_prob=float(cfg.data.expand_prob),
-            fill_rgb=augment.fill_rgb_from(pp.channel_order, pp.pixel_means))  # fmt: skip
+            fill_rgb=augment_host.fill_rgb_from(pp.channel_order, pp.pixel_means))  # fmt: skip
         image, boxes, labels, valid = out["image"], out["boxes"], out["labels"], out["valid"]
     return preprocess(image, cfg), boxes, labels, valid
 
