@@ -179,7 +179,7 @@ def cmd_export(args, cfg) -> int:
 
 
 def cmd_benchmark(args, cfg) -> int:
-    if args.train:  # the train step's measured cost (costs.py), not inference
+    if args.train:  # the train step's measured cost (perf/costs.py), not inference
         batch = args.batch or 16
         if args.no_run:
             row = train_step_cost(cfg, batch)

@@ -8,7 +8,7 @@ kept exactly as given (`os.path.abspath("gs://b/run")` would give `./gs:/b/run`)
 
 Writes go through `write_text` / `write_bytes` / `open(mode="w")`: object stores have no
 append and no rename, so anything that grows (metrics.jsonl, TensorBoard events) is
-rewritten whole on remote filesystems (`runlog`).
+rewritten whole on remote filesystems (`train.writers`).
 """
 
 from __future__ import annotations

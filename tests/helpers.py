@@ -143,18 +143,20 @@ class SyntheticIterator:
         self.index = json.loads(state)["index"]
 
 
-def make_synthetic(cfg, local_batch_size, process_index=0, process_count=1):
-    return SyntheticIterator(cfg, local_batch_size, process_index, process_count)
+def make_synthetic(cfg, process_index=0, process_count=1):
+    """A `train_iterator_fn`: this process's slice of synthetic global batches."""
+    return SyntheticIterator(cfg, cfg.train.batch_size // process_count, process_index,
+                             process_count)  # fmt: skip
 
 
 # ------------------------------------------------------------------ worker processes
 
 
-def worker_env(cache_dir) -> dict:
-    """Environment for worker subprocesses: a shared persistent compilation cache, and
-    no XLA_FLAGS of the parent (e.g. fake device counts)."""
+def worker_env() -> dict:
+    """Environment for worker subprocesses: the run's persistent compilation cache
+    (M2DET_TEST_CACHE, set by conftest), and no XLA_FLAGS of the parent (e.g. fake device
+    counts)."""
     env = dict(os.environ)
-    env["M2DET_TEST_CACHE"] = str(cache_dir)
     env.pop("XLA_FLAGS", None)
     return env
 

@@ -221,7 +221,7 @@ def test_two_process_eval_plain_and_tta_match_one_process(shapes, tmp_path):
     every eval batch): plain and TTA detections gathered from both hosts equal the
     one-process ones, every image once, and the COCO metrics are the same."""
     data_dir, _ = shapes
-    env = worker_env(tmp_path / "xla_cache")
+    env = worker_env()
     outs = {"two": tmp_path / "two.json", "one": tmp_path / "one.json"}
     run_worker_processes(["eval", str(data_dir), str(outs["two"])], 2, env)
     run_worker(["eval", str(data_dir), str(outs["one"])], env)

@@ -117,7 +117,7 @@ def test_detector_on_8_devices_equals_one_plain_tta_and_folded(tmp_path):
     """`m2det detect`'s batch (plain, and TTA of 2 sizes + flip) split over 8 devices gives
     the one-device detections; folded BatchNorm with Winograd convolutions gives them too."""
     out = tmp_path / "detect8.json"
-    run_worker(["detect8", out], worker_env(tmp_path / "cache"))
+    run_worker(["detect8", out], worker_env())
     d = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in json.loads(out.read_text()).items()}
     for mode in ("plain", "tta"):
         for bn in ("bn", "fold"):

@@ -208,3 +208,28 @@ def test_tests_import_helpers_not_other_test_modules():
             for name, line, _ in _imports(os.path.join(tests_dir, f)):
                 assert not name.startswith("tests.test_"), f"{f}:{line} imports {name}"
                 assert name != "conftest", f"{f}:{line} imports conftest"
+
+
+def test_earlier_module_paths_still_import():
+    """The public paths of earlier releases (SPEC: `predict.prepare_variables`,
+    `postprocess.nms`, `voc_eval.voc_evaluate`, ...) resolve to the module that holds their
+    names now: the same module object, submodules included."""
+    import importlib
+
+    from m2det_jax._compat import MOVED
+
+    for old, new in MOVED.items():
+        got = importlib.import_module(f"m2det_jax.{old}")
+        assert got is importlib.import_module(f"m2det_jax.{new}"), old
+    import m2det_jax.postprocess.plain as old_plain
+    from m2det_jax.predict import make_detector, prepare_variables  # noqa: F401
+    from m2det_jax.voc_eval import voc_evaluate  # noqa: F401
+
+    import m2det_jax
+    import m2det_jax.inference.postprocess.plain as plain
+    from m2det_jax import postprocess
+
+    assert old_plain is plain and postprocess.nms is m2det_jax.inference.postprocess.nms
+    assert m2det_jax.predict.prepare_variables is m2det_jax.inference.prepare_variables
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("m2det_jax.predictt")

@@ -24,11 +24,6 @@ from tests.helpers import (
 from tests.train_worker import real_overrides
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
-
-
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -58,9 +53,9 @@ def test_lr_schedule_matches_original():
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_single_device(tmp_path, cache_dir):
+def test_sharded_step_equals_single_device(tmp_path):
     out = tmp_path / "mesh.json"
-    run_worker(["mesh", str(out)], worker_env(cache_dir))
+    run_worker(["mesh", str(out)], worker_env())
     d = json.loads(out.read_text())
     assert d["loss"] <= 1e-5 * abs(d["loss_value"])
     assert d["params"] < 1e-6  # grads and the SGD update agree
@@ -69,10 +64,10 @@ def test_sharded_step_equals_single_device(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_restorable_checkpoint(tmp_path, cache_dir, shapes):
+def test_sigterm_leaves_restorable_checkpoint(tmp_path, shapes):
     wd = tmp_path / "sig"  # the real grain pipeline of the shapes set
     p = subprocess.Popen(worker_command("train", wd, 1000, "--slow", 0.5, "--data", shapes[0]),
-                         env=worker_env(cache_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                         env=worker_env(), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 400
     while time.time() < deadline and not _has_rows(wd):
@@ -115,13 +110,13 @@ def _has_rows(wd):
 
 
 @pytest.mark.slow
-def test_resume_with_another_config_is_a_clear_error(tmp_path, cache_dir):
+def test_resume_with_another_config_is_a_clear_error(tmp_path):
 
     from m2det_jax.errors import ConfigMismatchError
     from m2det_jax.train.loop import train_and_evaluate
 
     wd = tmp_path / "run"
-    run_worker(["train", str(wd), "1"], worker_env(cache_dir))
+    run_worker(["train", str(wd), "1"], worker_env())
     cfg = load_config(config_path("tiny"), ["model.num_classes=6", "train.num_steps=2"])
     with pytest.raises(ConfigMismatchError, match="model.num_classes: checkpoint 4, config 6"):
         train_and_evaluate(cfg, str(wd), train_iterator_fn=make_synthetic,

@@ -62,7 +62,7 @@ def runs(tmp_path_factory, shapes):
     """6 steps of the shapes pipeline (global batch 8, a checkpoint every 2 steps) by one
     process with 2 devices and by two processes with 1 each: the same program, so any
     difference is the data."""
-    env = worker_env(tmp_path_factory.mktemp("xla_cache"))
+    env = worker_env()
     root, data_dir = tmp_path_factory.mktemp("runs"), str(shapes[0])
     one, two = root / "one", root / "two"
     run_worker(["train", one, 6, "--data", data_dir, "--devices", 2], env)

@@ -24,7 +24,9 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def _enable_cache():
     import jax
 
-    cache = os.environ.get("M2DET_TEST_CACHE", "/tmp/m2det_jax_test_cache")
+    cache = os.environ.get("M2DET_TEST_CACHE")
+    if not cache:  # run by hand, outside pytest
+        return
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -170,7 +172,7 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=0.0
     import m2det_jax
     from m2det_jax.train.data_state import tfds_train_data
     from m2det_jax.train.loop import train_and_evaluate
-    from tests.helpers import SyntheticIterator
+    from tests.helpers import make_synthetic
 
     overrides = [f"train.num_steps={steps}", "train.log_every=1", "train.checkpoint_every=2",
                  "train.eval_every=-1"] + (real_overrides(data_dir) if data_dir else [])
@@ -178,7 +180,7 @@ def train(workdir, steps, addr=None, nproc=None, pid=None, nan_at=None, slow=0.0
     if data_dir:  # the real grain pipeline of the shapes set
         make, n = tfds_train_data(cfg)
     else:
-        make, n = SyntheticIterator, 64
+        make, n = make_synthetic, 64
     r = train_and_evaluate(cfg, workdir, train_iterator_fn=lambda *a: _Faulty(make(*a), nan_at, slow),
                            num_train_examples=n,
                            evaluate_fn=None if evaluate else (lambda c, v, s: {}),

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ml_collections
 
-# The allowed values and the checks live in config_checks; re-exported here.
-
 
 def default_config() -> ml_collections.ConfigDict:
     """All defaults: M2Det320-VGG as the official code configures it (docs/original.md)."""
@@ -172,7 +170,7 @@ def default_config() -> ml_collections.ConfigDict:
     # decode, instead of training (or spinning) on what is left.
     c.data.max_bad_fraction = 0.5
     c.data.keep_difficult = False  # VOC is_difficult boxes: dropped in training (original)
-    # Evaluation metric: "voc" (mAP at IoU 0.5, `m2det_jax.voc_eval`), "coco" (the 12
+    # Evaluation metric: "voc" (mAP at IoU 0.5, `m2det_jax.evaluation.voc`), "coco" (the 12
     # COCO numbers) or "auto" (voc for datasets whose objects carry is_difficult).
     c.data.metric = "auto"
     c.data.voc_use_07_metric = True  # VOC2007 11-point AP (the original); False: area (2010+)

@@ -23,8 +23,7 @@ def tfds_train_data(cfg, builder=None) -> tuple[Callable[..., Iterator], int]:
     builder = builder if builder is not None else data.open_builder(cfg)
     n = len(data.train_source(cfg, builder))  # with "+" splits, "trainval" and extra sets
 
-    def make(cfg, local_bs, process_index, process_count):
-        del local_bs  # the pipeline splits the global batch itself
+    def make(cfg, process_index, process_count):
         return data.make_train_iterator(
             cfg, builder=builder, global_batch_size=cfg.train.batch_size,
             shard_index=process_index, shard_count=process_count)  # fmt: skip

@@ -99,12 +99,12 @@ def train_and_evaluate(
     Args:
       cfg: the config (see configs/).
       workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.
-      train_iterator_fn: `(cfg, local_batch_size, process_index, process_count) -> iterator`
-        of per-process numpy batches with `get_state()`/`set_state()`; default: the TFDS
-        pipeline of `m2det_jax.data` (`tfds_train_data`).
+      train_iterator_fn: `(cfg, process_index, process_count) -> iterator` of this
+        process's numpy batches (its slice of every global batch) with `get_state()` /
+        `set_state()`; default: the TFDS pipeline of `m2det_jax.data` (`tfds_train_data`).
       num_train_examples: dataset size (for epochs); default: from the data module.
       evaluate_fn: `(cfg, variables, step) -> {metric: value}`; default: COCO evaluation
-        of `m2det_jax.evaluate` on the eval split, written to the workdir.
+        of `m2det_jax.evaluation` on the eval split, written to the workdir.
       progress: show a progress bar on process 0.
 
     Returns:
@@ -131,7 +131,7 @@ def train_and_evaluate(
 
         # Mesh and data.
         mesh = shd.make_mesh()
-        local_bs = shd.local_batch_size(cfg.train.batch_size, mesh)
+        shd.local_batch_size(cfg.train.batch_size, mesh)  # divisible by the devices
         labels = None  # class names + category ids, stored with every checkpoint
         if train_iterator_fn is None:
             train_iterator_fn, num_train_examples = tfds_train_data(cfg, builder)
@@ -139,7 +139,7 @@ def train_and_evaluate(
         steps_per_epoch = cfg.train.steps_per_epoch or max(
             num_train_examples // cfg.train.batch_size, 1)
         n_steps = total_steps(cfg, steps_per_epoch)
-        data_iter = train_iterator_fn(cfg, local_bs, jax.process_index(), jax.process_count())
+        data_iter = train_iterator_fn(cfg, jax.process_index(), jax.process_count())
 
         # Model, optimizer, abstract state and shardings.
         model = build_model(cfg)
