@@ -18,7 +18,7 @@ from m2det_jax.data import augment_host as augment
 from m2det_jax.data import pipeline, records
 from m2det_jax.data.device_feed import DevicePrefetch
 from m2det_jax.data.sources.coco_folder import build_coco_folder
-from m2det_jax.inference.predict import prepare_images
+from m2det_jax.inference.detector import prepare_images
 from m2det_jax.train.loop import train_and_evaluate
 from m2det_jax.train.step import device_inputs
 from tests.helpers import OVERRIDES, ROOT, config_path, small_data_config

@@ -11,8 +11,7 @@ from PIL import Image
 
 from m2det_jax import load_config
 from m2det_jax.checkpoints.variables import save_variables
-from m2det_jax.inference.detector import make_detector
-from m2det_jax.inference.predict import tta_passes
+from m2det_jax.inference.detector import make_detector, tta_passes
 from tests.helpers import (
     OVERRIDES,
     assert_same_detections,

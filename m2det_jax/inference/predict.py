@@ -9,7 +9,6 @@ augmentation. Evaluation, `m2det detect`, export and the speed benchmark all use
   probabilities, flipped passes are mirrored back (x1' = 1 - x2), all candidates of an image
   are concatenated and suppressed once more by the public `postprocess.nms`. One jitted
   program for the whole batch, sharded like the plain one.
-* `prepare_images` / `pad_batch`: host-side resize and fixed-size batches.
 
 Programs are cached per (config, mesh) for the life of the process.
 """
@@ -21,12 +20,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from m2det_jax import distributed as shd
 from m2det_jax.core import box_ops
-from m2det_jax.core.preprocess import preprocess, resize
+from m2det_jax.core.preprocess import preprocess
 from m2det_jax.core.priors import prior_boxes
 from m2det_jax.inference.postprocess import decode_and_score, make_detect_fn, make_nms_fn
 from m2det_jax.models import build_model
@@ -86,7 +84,7 @@ def _predict_fn(cfg, mesh: Mesh | None) -> Callable:
     return jax.jit(predict, in_shardings=(shd.replicated(mesh), batch, batch))
 
 
-def _passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
+def passes_at(cfg_s: ml_collections.ConfigDict, flip: bool) -> Callable:
     """(variables, x uint8 [B, S, S, 3] RGB) -> [(boxes [B, P, 4] normalized, scores [B, P,
     C]), ...]: the plain pass and, with `flip`, the flipped one mirrored back (one forward
     of 2B)."""
@@ -126,7 +124,7 @@ def make_tta_fn(
 
 
 def _tta_fn(cfg, sizes: tuple[int, ...], flip: bool, mesh: Mesh | None) -> Callable:
-    pass_fns = [_passes_at(config_for_size(cfg, s), flip) for s in sizes]
+    pass_fns = [passes_at(config_for_size(cfg, s), flip) for s in sizes]
     nms_fn = make_nms_fn(cfg)
 
     def predict(variables, images, image_sizes):
@@ -141,35 +139,7 @@ def _tta_fn(cfg, sizes: tuple[int, ...], flip: bool, mesh: Mesh | None) -> Calla
     return jax.jit(predict, in_shardings=(shd.replicated(mesh), (batch,) * len(sizes), batch))
 
 
-def tta_passes(variables, images: Sequence[np.ndarray], cfg, sizes: Sequence[int],
-               flip: bool = True) -> list[tuple[jax.Array, jax.Array]]:  # fmt: skip
-    """Decoded candidates of every TTA pass of uint8 RGB images: [(boxes [B, P_s, 4]
-    normalized, scores [B, P_s, C])], for each size the plain pass then the flipped one."""
-    out = []
-    for s in sizes:
-        x, _ = prepare_images(images, cfg, s)
-        out += jax.jit(_passes_at(config_for_size(cfg, s), flip))(variables, x)
-    return out
 
 
-def prepare_images(
-    images: Sequence[np.ndarray], cfg: ml_collections.ConfigDict, size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 RGB images of any sizes -> (uint8 [B, S, S, 3], image_sizes float32 [B, 2]
-    (height, width)).
-
-    The eval pipeline's resize: cv2 INTER_LINEAR to S x S (aspect not kept), as the
-    original. S is `size` or cfg.model.input_size. `preprocess` runs on the device.
-    """
-    s = int(size or cfg.model.input_size)
-    x = np.stack([resize(np.asarray(im, np.uint8), s) for im in images])
-    image_sizes = np.array([im.shape[:2] for im in images], np.float32)
-    return x, image_sizes
 
 
-def pad_batch(x: np.ndarray, batch: int, value: float = 0) -> np.ndarray:
-    """Pads axis 0 of `x` with `value` to `batch` rows (a fixed shape: one compilation)."""
-    if x.shape[0] == batch:
-        return x
-    pad = np.full((batch - x.shape[0],) + x.shape[1:], value, x.dtype)
-    return np.concatenate([x, pad])

@@ -75,3 +75,18 @@ def missing_eval_split(cfg, builder=None) -> str | None:
         return (f"dataset {cfg.data.dataset!r} has no split {cfg.data.eval_split!r} "
                 f"(splits: {sorted(builder.info.splits)}); set data.eval_split{hint}")
     return None
+
+
+def checkpoint_data_state(batches, data_iter):
+    """What a checkpoint stores of the input: the state after the last batch the step used
+    (`batches`, the device feed, reads ahead), made global (`global_data_state`); None for
+    an iterator without state. A collective."""
+    state = batches.get_state() if hasattr(data_iter, "get_state") else None
+    return global_data_state(state)
+
+
+def restore_data_state(data_iter, state) -> None:
+    """Puts a checkpoint's input state back into this process's iterator
+    (`local_data_state`), before the first batch is read."""
+    if state is not None and hasattr(data_iter, "set_state"):
+        data_iter.set_state(local_data_state(state))

@@ -34,10 +34,10 @@ from m2det_jax.evaluation.driver import evaluate_variables
 from m2det_jax.models import build_model
 from m2det_jax.paths import as_path
 from m2det_jax.train.data_state import (
+    checkpoint_data_state,
     data_counts,
-    global_data_state,
-    local_data_state,
     missing_eval_split,
+    restore_data_state,
     tfds_train_data,
 )
 from m2det_jax.train.meter import describe, meter_for
@@ -157,8 +157,7 @@ def train_and_evaluate(
         restored = ckpts.restore_latest(target, cfg)
         if restored is not None:
             latest, state, data_state = restored
-            if data_state is not None and hasattr(data_iter, "set_state"):
-                data_iter.set_state(local_data_state(data_state))
+            restore_data_state(data_iter, data_state)
             if is_main:
                 _log.info(f"resumed from {ckpts.directory} at step {latest}")
         else:
@@ -190,8 +189,7 @@ def train_and_evaluate(
 
         def save(step: int) -> None:  # never a state past a non-finite step
             _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
-            data_state = batches.get_state() if hasattr(data_iter, "get_state") else None
-            ckpts.save(step, state, global_data_state(data_state), meta)
+            ckpts.save(step, state, checkpoint_data_state(batches, data_iter), meta)
 
         # The loop.
         log = MetricsLog(workdir, is_main)
