@@ -127,8 +127,9 @@ def test_vgg16_reducedfc_backbone_file():
     assert v["params"]["backbone"]["conv6"]["kernel"].shape == (3, 3, 512, 1024)
 
 
+@pytest.mark.torch
 def test_pth_files_are_read_safely(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     cfg, sd = _tiny_sd()
     path = tmp_path / "m.pth"
     torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in sd.items()}, path)

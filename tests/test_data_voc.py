@@ -156,8 +156,7 @@ def test_ground_truth_fed_back_scores_one_on_both_metrics(tmp_path, voc_root):
 def _prepare_tfds_voc(tmp_path, monkeypatch):
     """TFDS's own voc/2007 and voc/2012 builders, prepared (array_record) from a local
     VOCdevkit (the download step returns it)."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    pytest.importorskip("tensorflow")
+    import tensorflow_datasets as tfds
     devkit = tmp_path / "devkit"
     for year, splits in (("2007", {"train": 5, "val": 3, "test": 4}),
                          ("2012", {"train": 3, "val": 2, "test": 1})):  # fmt: skip
@@ -171,6 +170,7 @@ def _prepare_tfds_voc(tmp_path, monkeypatch):
     return data_dir
 
 
+@pytest.mark.tensorflow  # TFDS's own voc builders prepare through TensorFlow
 def test_tfds_voc0712_reads_concatenates_and_scores(tmp_path, monkeypatch):
     data_dir = _prepare_tfds_voc(tmp_path, monkeypatch)
     cfg = load_config(config_path("m2det320_vgg_voc"), [
