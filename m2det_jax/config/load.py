@@ -69,7 +69,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
             raise ValueError(f"override {item!r}: {e}") from None
 
 
-def unknown_fields(cfg: ml_collections.ConfigDict, where: str = "") -> list[str]:
+def unknown_fields(cfg: ml_collections.ConfigDict) -> list[str]:
     """Fields of `cfg` that `default_config()` does not have (a misspelt name in a config
     file adds a new field silently; loading refuses it), each with the closest valid name."""
 
@@ -81,7 +81,7 @@ def unknown_fields(cfg: ml_collections.ConfigDict, where: str = "") -> list[str]
                     ref[k], ml_collections.ConfigDict):
                 yield from walk(node[k], ref[k], f"{prefix}{k}.")
 
-    return list(walk(cfg, default_config(), where))
+    return list(walk(cfg, default_config(), ""))
 
 
 def _finish(cfg: ml_collections.ConfigDict, source: str, overrides: Iterable[str]):
