@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import jax
@@ -19,7 +20,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+try:  # private; only to forget a memoised answer (guard_compilation_cache)
+    from jax._src import compilation_cache as _compilation_cache
+except ImportError:  # pragma: no cover - a JAX without it
+    _compilation_cache = None
+
 DATA_AXIS = "data"
+
+_log = logging.getLogger(__name__)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -72,6 +80,28 @@ def initialize_distributed(coordinator_address: str | None = None,
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ \
             or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:  # fmt: skip
         jax.distributed.initialize(initialization_timeout=timeout_s)
+
+
+def guard_compilation_cache() -> bool:
+    """Turns JAX's persistent compilation cache off for a multi-process run on CPU with
+    jax >= 0.11, and says so; True when it did. There the cache key differs per process
+    while only process 0 writes entries, so a second run loads cached programs on process 0
+    and compiles them on the others, and the first collective between the two kinds hangs
+    (measured with jax 0.12.1: a 2-process resume never finished its first step). Single
+    processes, accelerators and jax 0.10 keep the cache."""
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return False
+    if tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11):
+        return False
+    if not (jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    if hasattr(_compilation_cache, "reset_cache"):  # "is the cache used" is memoised at the
+        _compilation_cache.reset_cache()  # first compile: forget the answer
+    _log.warning("persistent compilation cache off: %d processes on CPU with jax %s load "
+                 "cached programs on process 0 only and hang at the first collective",
+                 jax.process_count(), jax.__version__)  # fmt: skip
+    return True
 
 
 def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:

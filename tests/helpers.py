@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +247,8 @@ def write_voc_folder(root, classes, splits, size=(96, 80), seed=0, per_image=2):
         with open(os.path.join(root, "ImageSets", "Main", split + ".txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
     return out
+
+
+def hold(obj, seconds: float) -> None:
+    """A worker process's target: receives `obj` (unpickled there), then sleeps."""
+    time.sleep(seconds)

@@ -81,12 +81,22 @@ def test_one_and_two_processes_train_on_the_same_batches(runs):
         assert data["stats"]["examples"] == 48
 
 
-@pytest.mark.parametrize("src,nproc", [("two", 1), ("one", 2)])
-def test_resume_on_another_number_of_processes(runs, tmp_path, src, nproc):
+# The input configuration of an accelerator host: grain worker processes and batches
+# placed on the devices ahead of the step (the CPU default is neither).
+ACCELERATOR_INPUT = ["--set", "data.num_workers=2", "--set", "data.prefetch=2"]
+
+
+@pytest.mark.parametrize("src,nproc,feed", [("two", 1, "cpu"), ("one", 2, "cpu"),
+                                            ("two", 1, "accelerator"),
+                                            ("one", 2, "accelerator")])  # fmt: skip
+def test_resume_on_another_number_of_processes(runs, tmp_path, src, nproc, feed):
+    """A run checkpointed at step 4 resumes on the other number of processes (and, for
+    "accelerator", with 2 grain workers and 2 batches prefetched per process) to the same
+    losses as the uninterrupted run."""
     wd = tmp_path / f"{src}_to_{nproc}"
     shutil.copytree(runs[src], wd)
     shutil.rmtree(wd / "checkpoints" / "6")  # as if stopped after the step-4 checkpoint
-    args = ["train", wd, 6, "--data", runs["data"]]
+    args = ["train", wd, 6, "--data", runs["data"]] + (ACCELERATOR_INPUT if feed != "cpu" else [])
     if nproc == 1:
         out = run_worker(args + ["--devices", 2], runs["env"]).stdout
     else:
@@ -106,10 +116,13 @@ def _wait(predicate, proc, timeout=300.0) -> bool:
     return False
 
 
-def test_kill_9_at_random_moments_resumes_to_the_same_run(runs, tmp_path):
+@pytest.mark.parametrize("feed", ["cpu", "accelerator"])
+def test_kill_9_at_random_moments_resumes_to_the_same_run(runs, tmp_path, feed):
     """Four SIGKILLs: mid-step, mid-async-save, mid-evaluation and one at random; each
     restart resumes from the newest complete checkpoint, and the end equals an
-    uninterrupted run's (losses of every step, parameters)."""
+    uninterrupted run's (losses of every step, parameters). "accelerator": every life of
+    the killed run has 2 grain workers and 2 batches prefetched (the checkpointed input
+    position is the consumed one, not the read-ahead one); the reference has neither."""
     env, steps = runs["env"], 12
     args = ["train", None, steps, "--data", runs["data"], "--eval",
             "--set", "train.checkpoint_every=1", "--set", "train.eval_every=4",
@@ -117,6 +130,7 @@ def test_kill_9_at_random_moments_resumes_to_the_same_run(runs, tmp_path):
             "--set", "postprocess.candidates_per_class=50"]  # fmt: skip
     ref, wd = tmp_path / "ref", tmp_path / "killed"
     run_worker([a if a is not None else ref for a in args], env)
+    args += ACCELERATOR_INPUT if feed != "cpu" else []
     cmd = worker_command(*[a if a is not None else wd for a in args], "--slow", 0.15)
     ckpt_dir = wd / "checkpoints"
 
@@ -142,7 +156,8 @@ def test_kill_9_at_random_moments_resumes_to_the_same_run(runs, tmp_path):
             time.sleep(rng.uniform(0.0, 1.5))
         assert p.poll() is None, f"finished before the {moment} kill"
         p.send_signal(signal.SIGKILL)
-        out, _ = p.communicate()
+        # Returns once every holder of its output pipes is gone: its grain workers too.
+        out, _ = p.communicate(timeout=60)
         if complete:  # this life resumed from the newest complete checkpoint of the last
             assert f"at step {complete[-1]}" in out, (complete, out[-2000:])
     p = run_worker([a if a is not None else wd for a in args], env)

@@ -21,6 +21,7 @@ import numpy as np
 
 from m2det_jax.core.preprocess import resize
 from m2det_jax.data import augment_host, records
+from m2det_jax.data.worker_guard import ExitWithParent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _skipped(stats: dict) -> dict:
     return {"ok": np.bool_(False), "stats": stats_array(stats)}
 
 
-class TrainExample(grain.RandomMapTransform):
+class TrainExample(ExitWithParent, grain.RandomMapTransform):
     """Record -> augmented uint8 example (or a skip marker), with its counts."""
 
     def __init__(self, p: ExampleParams):
@@ -110,7 +111,7 @@ class TrainExample(grain.RandomMapTransform):
         return _example(ex, img, boxes, labels, self.p, stats)
 
 
-class EvalExample(grain.MapTransform):
+class EvalExample(ExitWithParent, grain.MapTransform):
     """Record -> resized uint8 example (cv2 INTER_LINEAR, as the original), boxes unchanged."""
 
     def __init__(self, p: ExampleParams):
@@ -138,7 +139,7 @@ def place_on_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, np.ndar
     return out, np.array([h, w], np.int32)
 
 
-class CanvasExample(grain.MapTransform):
+class CanvasExample(ExitWithParent, grain.MapTransform):
     """Record -> decoded uint8 image on a fixed canvas, boxes unchanged (normalized to
     the image), for augmentation on the device."""
 

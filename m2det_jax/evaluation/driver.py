@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from m2det_jax import data
+from m2det_jax.distributed import guard_compilation_cache
 from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array
 from m2det_jax.evaluation.stream import per_image, stream_split
 from m2det_jax.evaluation.voc import is_voc, voc_evaluate, voc_ground_truth
@@ -49,6 +50,7 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
     """Metrics of `variables` on cfg.data.eval_split (`metric_of`: COCO's 12 numbers and
     AP per class, or VOC mAP and AP per class); written to `<workdir>/eval_metrics.json`
     when a workdir is given (process 0)."""
+    guard_compilation_cache()
     builder = builder if builder is not None else data.open_builder(cfg)
     split = cfg.data.eval_split
     voc = metric_of(cfg, builder) == "voc"

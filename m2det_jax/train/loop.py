@@ -110,6 +110,7 @@ def train_and_evaluate(
     Returns:
       {"step", "final_metrics", "eval_metrics", "preempted", "state"}.
     """
+    shd.guard_compilation_cache()
     with Preemption() as preemption:  # from the start: SIGTERM during compile counts too
         # Run directory.
         workdir = as_path(workdir)  # local (made absolute) or a URI such as gs://b/run
