@@ -6,9 +6,13 @@ it fails at import.
 """
 
 import ast
+import importlib.metadata
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "m2det_jax")
 MAX_LINES = 400
@@ -236,3 +240,38 @@ def test_earlier_module_paths_still_import():
     assert m2det_jax.predict.prepare_variables is m2det_jax.inference.prepare_variables
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("m2det_jax.predictt")
+
+
+def _requirement_names(dist: str) -> list[str]:
+    """Names of what `dist` requires on this Python (no extras)."""
+    out = []
+    for r in importlib.metadata.requires(dist) or []:
+        req = Requirement(r)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out.append(req.name)
+    return out
+
+
+def test_the_device_kit_carries_what_an_accelerator_image_lacks():
+    """Every distribution the installed package needs (its requirements and theirs) is on
+    the image (launch/device_kit.py IMAGE_PACKAGES) or in the kit, and the kit's versions
+    are pinned in constraints/newest.txt."""
+    spec = importlib.util.spec_from_file_location(
+        "device_kit", Path(PACKAGE).parent / "launch" / "device_kit.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    known = {kit.normalise(n) for n in kit.IMAGE_PACKAGES + kit.KIT_PACKAGES}
+    seen, todo = set(), _requirement_names("m2det-jax")
+    while todo:
+        name = kit.normalise(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += _requirement_names(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass  # an optional one that this Python does not install
+    assert sorted(seen - known) == []
+    pins = kit.pinned_versions()
+    assert [n for n in kit.KIT_PACKAGES if n not in pins] == []
+    assert not set(kit.IMAGE_PACKAGES) & set(kit.KIT_PACKAGES)
