@@ -28,6 +28,7 @@ from m2det_jax.perf.runtime import cpu_model
 from m2det_jax.perf.stats import count_macs
 from m2det_jax.train.meter import (
     compiled_flops,
+    math_of,
     model_peak_tflops,
 )
 from m2det_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -140,6 +141,18 @@ def _memory(compiled) -> dict[str, int | None]:
     return out
 
 
+def device_peak_bytes(device) -> int | None:
+    """The most memory the device has held in this process (`memory_stats()`'s
+    peak_bytes_in_use: measured, unlike the compiled plan); None where the backend does not
+    say (CPUs)."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not implemented on every backend
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
+
+
 def _compile(fn, *args) -> tuple[Any, float, float]:
     """(compiled, lower seconds, compile seconds)."""
     t = time.perf_counter()
@@ -210,8 +223,10 @@ def time_train_step(cfg, per_device_batch: int, iters: int = 10, *,
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """`train_step_cost` plus the step run on the first device (a random batch, one
     warm-up, then `iters` timed steps): s_per_step, img_per_s, peak_tflops (given, else
-    `PEAK_TFLOPS` for the device and cfg.model.dtype, None when unknown) and
-    mfu = step_flops_per_image * img_per_s / peak (None without a peak)."""
+    `model_peak_tflops` for the device, cfg.model.dtype and JAX's matmul precision, None
+    when unknown), math (the arithmetic that peak is of: "tf32", "bf16", ...),
+    mfu = step_flops_per_image * img_per_s / peak (None without a peak) and
+    device_peak_bytes (`device_peak_bytes`: measured, None on CPUs)."""
     device = jax.devices()[0]
     out, compiled, model, tx = _cost(cfg, per_device_batch, device, forward=forward)
     one = jax.sharding.SingleDeviceSharding(device)
@@ -226,10 +241,11 @@ def time_train_step(cfg, per_device_batch: int, iters: int = 10, *,
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     sec = (time.perf_counter() - t) / max(int(iters), 1)
+    precision = jax.config.jax_default_matmul_precision
     peak = (
         peak_tflops
         if peak_tflops is not None
-        else model_peak_tflops(device.device_kind, out["dtype"])
+        else model_peak_tflops(device.device_kind, out["dtype"], precision)
     )
     flops = out["step_flops_per_image"]
     img_s = out["batch"] / sec
@@ -239,6 +255,8 @@ def time_train_step(cfg, per_device_batch: int, iters: int = 10, *,
         img_per_s=img_s,
         peak_tflops=peak,
         loss=float(metrics["loss"]),
+        math=math_of(device.device_kind, out["dtype"], precision),
+        device_peak_bytes=device_peak_bytes(device),
         mfu=None if peak is None or flops is None else flops * img_s / (peak * 1e12),
     )
     return out

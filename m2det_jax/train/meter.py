@@ -4,9 +4,10 @@ utilisation (MFU), from the compiled step's own FLOP count.
 MFU = (FLOPs of one step on one device, XLA's `cost_analysis` of the compiled SPMD
 program, which is per device) / (seconds per step) / (the device's dense peak). The peak
 comes from `train.peak_tflops` when set (> 0), else from `PEAK_TFLOPS` for the device kind
-and `model.dtype` (bf16 -> the bf16 peak, float32 -> the plain fp32 peak); unknown devices
-(CPUs) get no MFU. A scan (gradient accumulation) body is counted k times: XLA counts a
-while-loop body once.
+and `model.dtype`, counting the arithmetic that really runs (`math_of`: float32 runs as
+TF32 on Ampere/Hopper GPUs and as bf16 passes on TPUs under JAX's default precision);
+unknown devices (CPUs) get no MFU. A scan (gradient accumulation) body is counted k
+times: XLA counts a while-loop body once.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import re
 import time
 from typing import Any
 
+import jax
+
 # Dense (no structured sparsity) peak TFLOP/s per chip, from the vendors' datasheets:
 # NVIDIA H100 / H200 (SXM5), A100 (SXM4 and PCIe share the 312 / 19.5 figures) and V100
 # (SXM2) datasheets; Google Cloud TPU system architecture pages (v4, v5e, v5p, v6e).
 # "fp32" is plain IEEE float32 (CUDA cores, without TF32); "tf32" the TensorFloat-32 tensor
 # core rate. V100 has no bfloat16 arithmetic (its tensor cores do float16: "fp16"), so a
 # bf16 lookup there gives None. TPUs publish no float32 peak (float32 matmuls run as several
-# bf16 passes), so their "fp32" is None too. Note: under JAX's default matmul precision,
-# float32 convolutions on Ampere and newer GPUs run as TF32, so a float32 MFU against the
-# plain fp32 peak can exceed 1.
+# bf16 passes), so their "fp32" is None too. Under JAX's default matmul precision float32
+# convolutions on Ampere and newer GPUs run as TF32: `model_peak_tflops` measures against it.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "NVIDIA H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
     "NVIDIA H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
@@ -72,11 +74,37 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
     return PEAK_TFLOPS[family].get(key)
 
 
-def model_peak_tflops(device_kind: str, model_dtype: str) -> float | None:
-    """The peak an MFU of a model computing in `model_dtype` is measured against:
-    bfloat16 -> bf16, float16 -> fp16, anything else -> fp32."""
-    key = {"bfloat16": "bf16", "float16": "fp16"}.get(str(model_dtype), "fp32")
-    return peak_tflops(device_kind, key)
+def math_of(device_kind: str, model_dtype: str, matmul_precision: str | None = None) -> str:
+    """The arithmetic a model computing in `model_dtype` really runs on `device_kind` under
+    JAX's matmul precision (`jax_default_matmul_precision`; None = default): "bf16" /
+    "fp16" for those dtypes; for float32, "tf32" on GPUs with TF32 tensor cores (Ampere
+    and newer) unless the precision is "highest"/"float32", "bf16" on TPUs at the default
+    precision (one bf16 pass), "bf16x3" / "bf16x6" at "high"/"highest" (three / six
+    passes), else "fp32"."""
+    key = {"bfloat16": "bf16", "float16": "fp16"}.get(str(model_dtype))
+    if key:
+        return key
+    family = device_family(device_kind) or ""
+    p = str(matmul_precision or "default").lower()
+    full = p in ("highest", "float32")
+    if family.startswith("TPU"):
+        return "bf16x6" if full else "bf16x3" if p in ("high", "tensorfloat32",
+                                                        "bfloat16_3x") else "bf16"  # fmt: skip
+    if "tf32" in PEAK_TFLOPS.get(family, {}) and not full:
+        return "tf32"
+    return "fp32"
+
+
+def model_peak_tflops(device_kind: str, model_dtype: str,
+                      matmul_precision: str | None = None) -> float | None:  # fmt: skip
+    """The peak an MFU of a model computing in `model_dtype` is measured against: the rate
+    of the arithmetic it runs (`math_of`), e.g. TF32's for float32 on an H100 at JAX's
+    default precision (against the plain fp32 peak such an MFU reads over 100 %). None when
+    unknown (CPUs)."""
+    math = math_of(device_kind, model_dtype, matmul_precision)
+    passes = {"bf16x3": 3, "bf16x6": 6}.get(math, 1)
+    peak = peak_tflops(device_kind, math[:4] if passes > 1 else math)
+    return None if peak is None else peak / passes
 
 
 def compiled_flops(compiled, scan_steps: int = 1) -> float | None:
@@ -131,7 +159,8 @@ def meter_for(cfg, compiled, device) -> StepMeter:
     """The `StepMeter` of the compiled train step of `cfg` on devices like `device`."""
     k = int(cfg.train.grad_accum_steps)
     given = float(cfg.train.peak_tflops or 0.0)
-    peak = given if given > 0 else model_peak_tflops(device.device_kind, str(cfg.model.dtype))
+    peak = given if given > 0 else model_peak_tflops(
+        device.device_kind, str(cfg.model.dtype), jax.config.jax_default_matmul_precision)
     return StepMeter(cfg.train.batch_size, compiled_flops(compiled, k), peak)
 
 
