@@ -7,7 +7,9 @@ import pathlib
 import subprocess
 import sys
 
+import cv2
 import numpy as np
+import pytest
 
 from m2det_jax import data
 from m2det_jax.data import records
@@ -25,6 +27,7 @@ ORDER = (
     "builders",
     "augment_host",
     "augment_device",
+    "worker_guard",
     "examples",
     "iterator",
     "pipeline",
@@ -75,6 +78,35 @@ def test_decode_image_gray_and_arrays():
     arr = np.zeros((2, 2, 3), np.uint8)
     assert records.decode_image(arr) is arr
     assert records.decode_image(b"") is None
+
+
+@pytest.mark.parametrize("params", [
+    [cv2.IMWRITE_JPEG_QUALITY, 90],  # 4:2:0, as most photos
+    [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+     cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],
+    [cv2.IMWRITE_JPEG_QUALITY, 75, cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+    "gray",
+])  # fmt: skip
+def test_jpeg_decoding_gives_opencvs_pixels(params):
+    """The fast JPEG path (simplejpeg) decodes to exactly what cv2.imdecode gives."""
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 256, (6, 8, 3), np.uint8), (160, 120),
+                     interpolation=cv2.INTER_CUBIC)  # fmt: skip
+    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+    if params == "gray":
+        raw = cv2.imencode(".jpg", img[..., 0])[1].tobytes()
+    else:
+        raw = cv2.imencode(".jpg", img, params)[1].tobytes()
+    assert records._decode_jpeg(raw) is not None  # the fast path took it
+    want = cv2.imdecode(np.frombuffer(raw, np.uint8),
+                        cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)  # fmt: skip
+    np.testing.assert_array_equal(records.decode_image(raw), want)
+    # A truncated file is OpenCV's to judge, as before.
+    cut = raw[: len(raw) // 2]
+    assert records._decode_jpeg(cut) is None
+    got, want = records.decode_image(cut), cv2.imdecode(np.frombuffer(cut, np.uint8),
+                                                        cv2.IMREAD_COLOR_RGB)  # fmt: skip
+    assert (got is None and want is None) or np.array_equal(got, want)
 
 
 def _imports(module: str) -> tuple[set[str], list[int]]:

@@ -9,6 +9,7 @@
                dataset_labels, known_labels
   augment_host    train augmentation (OpenCV, on the host)
   augment_device  the same augmentation batched in JAX, inside the jitted train step
+  worker_guard grain worker processes end with the process they feed (kill -9)
   examples     per-example grain transforms (decode, augment or place on a canvas, pad)
   iterator     batching, state, DataStats (DetectionIterator)
   pipeline     make_train_iterator, make_eval_iterator

@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from m2det_jax.core import box_ops
@@ -48,6 +49,21 @@ def _bytes(image: Any) -> bytes:
 # OpenCV's decoder (libjpeg-turbo, the original's cv2.imread), straight to RGB; EXIF
 # orientation is not applied (box annotations refer to the stored pixel grid).
 _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+_JPEG = b"\xff\xd8"
+
+
+def _decode_jpeg(raw: bytes) -> np.ndarray | None:
+    """RGB pixels of a JPEG by simplejpeg (libjpeg-turbo with its SIMD paths, ~25 % faster
+    than OpenCV's build here: benchmarks/input_pipeline.py, "decode" rows) - the same
+    pixels as `cv2.imdecode` (the same accurate integer IDCT and chroma upsampling; tests
+    compare them on 4:2:0, 4:4:4, progressive and grayscale files). None where it declines
+    (not a JPEG, CMYK, any decoder warning such as a truncated file): OpenCV decides."""
+    if not raw.startswith(_JPEG):
+        return None
+    try:
+        return simplejpeg.decode_jpeg(raw, colorspace="RGB")
+    except (ValueError, RuntimeError, OSError):
+        return None
 
 
 def decode_image(image: Any) -> np.ndarray | None:
@@ -59,7 +75,9 @@ def decode_image(image: Any) -> np.ndarray | None:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
         return image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
     raw = _bytes(image)
-    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), _CV2_FLAGS) if raw else None
+    arr = _decode_jpeg(raw)
+    if arr is None and raw:
+        arr = cv2.imdecode(np.frombuffer(raw, np.uint8), _CV2_FLAGS)
     if arr is None:
         try:
             with Image.open(io.BytesIO(raw)) as im:
