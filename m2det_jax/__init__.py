@@ -19,6 +19,7 @@ from m2det_jax._compat import install_aliases
 from m2det_jax.checkpoints.torch_convert import convert_torch_state_dict
 from m2det_jax.config import default_config, load_config
 from m2det_jax.core.priors import prior_boxes
+from m2det_jax.inference.api import Detections, Detector
 from m2det_jax.inference.postprocess import detect
 from m2det_jax.models import M2Det, build_model
 from m2det_jax.train.losses import multibox_loss
@@ -26,6 +27,8 @@ from m2det_jax.train.losses import multibox_loss
 __getattr__ = install_aliases(__name__)
 
 __all__ = [
+    "Detections",
+    "Detector",
     "M2Det",
     "build_model",
     "convert_torch_state_dict",

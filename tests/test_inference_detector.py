@@ -122,3 +122,43 @@ def test_detector_on_8_devices_equals_one_plain_tta_and_folded(tmp_path):
         for bn in ("bn", "fold"):
             assert_same_detections(d[f"eight_{mode}_{bn}"], d[f"one_{mode}_{bn}"], 1e-4, 1e-5)
         assert_same_detections(d[f"one_{mode}_fold"], d[f"one_{mode}_bn"], 1e-3, 1e-4)
+
+
+def test_one_call_detector_from_a_checkpoint(setup, tmp_path):
+    """`m2det_jax.Detector.from_checkpoint`: the config and class names stored with the
+    checkpoint; paths, arrays, lists and batches in; the detections `m2det detect` writes."""
+    import m2det_jax
+    from m2det_jax.inference.image_files import detections_to_records
+
+    cfg, v, ckpt = setup
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 255, (48, 80, 3), np.uint8)
+    b = rng.integers(0, 255, (64, 64, 3), np.uint8)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    det = m2det_jax.Detector.from_checkpoint(ckpt, overrides=OVERRIDES, score_threshold=0.2,
+                                             batch_size=2)  # fmt: skip
+    assert det.cfg.model.num_classes == cfg.model.num_classes
+    assert det.class_names == ["circle", "square", "triangle"]
+    one = det(str(tmp_path / "a.png"))
+    assert isinstance(one, m2det_jax.Detections) and len(one) > 0
+    dets = make_detector(cfg, v, batch_size=2)([a, b])
+    want = detections_to_records(dets, 0, 80, 48, 0.2, det.class_names)
+    assert one.to_json() == want
+    assert one.boxes.shape == (len(want), 4) and list(one.scores) == pytest.approx(
+        [w["score"] for w in want])  # fmt: skip
+    assert one.names == [w["label"] for w in want]
+    assert one.draw().size == (80, 48)
+    both = det([a, b])
+    assert [x.to_json() for x in both] == [want, detections_to_records(dets, 1, 64, 64, 0.2,
+                                                                        det.class_names)]
+    batch = det(np.stack([a, a, a]))  # 3 images in batches of 2
+    assert [x.to_json() for x in batch] == [want] * 3
+    with pytest.raises(ValueError, match="shape"):
+        det(np.zeros((4, 4), np.uint8))
+    # A workdir-style folder: its config.json wins over the stored config.
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(cfg.to_json_best_effort())
+    other = m2det_jax.Detector.from_checkpoint(ckpt, config=str(cfg_file),
+                                               overrides=["postprocess.score_threshold=0.5"],
+                                               score_threshold=0.0)  # fmt: skip
+    assert other.cfg.postprocess.score_threshold == 0.5
