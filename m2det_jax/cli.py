@@ -21,7 +21,7 @@ from m2det_jax.distributed import initialize_distributed
 from m2det_jax.errors import CheckpointMismatchError, ConfigMismatchError, NonFiniteLossError
 from m2det_jax.evaluation.driver import evaluate_variables
 from m2det_jax.inference.export import export
-from m2det_jax.inference.image_files import detect_files
+from m2det_jax.inference.image_files import class_ids, detect_files
 from m2det_jax.paths import as_path, as_str, join
 from m2det_jax.perf import runtime
 from m2det_jax.perf.benchmark import format_table, run_benchmark
@@ -158,9 +158,13 @@ def cmd_detect(args, cfg) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     names = names or (read_labels(args.checkpoint) or {}).get("class_names")
     try:
+        classes = class_ids(args.classes, names)
+    except ValueError as e:
+        raise SystemExit(f"error: --classes: {e}") from None
+    try:
         results = detect_files(
             cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
-            class_names=names, batch_size=args.batch,
+            class_names=names, batch_size=args.batch, classes=classes, max_det=args.max_det,
             tta_sizes=_int_list(args.tta_sizes, "--tta_sizes") or tuple(cfg.tta.sizes),
             tta_flip=args.tta_flip or bool(cfg.tta.flip))  # fmt: skip
     except FileNotFoundError as e:
@@ -250,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--class_names", default=None,
                     help="comma-separated names of classes 1..C-1 (default 'class k')")
     sp.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    sp.add_argument("--classes", default=None,
+                    help="keep only these classes: names or ids, comma-separated")
+    sp.add_argument("--max_det", type=int, default=0,
+                    help="at most this many detections per image, highest scores (0: all)")
     sp.add_argument("--tta_sizes", default=None,
                     help="multi-scale test-time augmentation, e.g. 320,384,448 "
                          "(default: --config.tta.sizes)")

@@ -162,3 +162,40 @@ def test_one_call_detector_from_a_checkpoint(setup, tmp_path):
                                                overrides=["postprocess.score_threshold=0.5"],
                                                score_threshold=0.0)  # fmt: skip
     assert other.cfg.postprocess.score_threshold == 0.5
+
+
+def test_class_filter_and_max_det(setup, tmp_path):
+    """A class filter (names or ids) keeps exactly the rows of those classes, `max_det`
+    the highest-scoring rows; the same through `m2det detect --classes --max_det`."""
+    import m2det_jax
+    from m2det_jax.cli import main
+    from m2det_jax.inference.image_files import class_ids
+
+    _, _, ckpt = setup
+    names = ["circle", "square", "triangle"]
+    assert class_ids("square,1", names) == {2, 1} and class_ids([3], names) == {3}
+    assert class_ids(None, names) is None
+    with pytest.raises(ValueError, match="'hexagon'.*circle, square, triangle"):
+        class_ids("hexagon", names)
+    im = np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8)
+    det = m2det_jax.Detector.from_checkpoint(ckpt, overrides=OVERRIDES, score_threshold=0.0)
+    every = det(im).to_json()
+    assert {d["class"] for d in every} == {1, 2, 3}
+    only = m2det_jax.Detector.from_checkpoint(ckpt, overrides=OVERRIDES, score_threshold=0.0,
+                                              classes="square,3")(im).to_json()  # fmt: skip
+    assert only == [d for d in every if d["class"] in (2, 3)]
+    top = m2det_jax.Detector.from_checkpoint(ckpt, overrides=OVERRIDES, score_threshold=0.0,
+                                             max_det=4)(im).to_json()  # fmt: skip
+    assert top == every[:4]
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(im).save(src / "a.png")
+    args = ["detect", "--config", config_path("tiny"), *("--config." + o for o in OVERRIDES),
+            "--checkpoint", str(ckpt), "--input", str(src), "--score_threshold", "0"]
+    assert main([*args, "--output", str(tmp_path / "o"), "--classes", "circle",
+                 "--max_det", "3"]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "o" / "detections.json").read_text())[0]["detections"]
+    assert rows == [d for d in every if d["class"] == 1][:3]
+    with pytest.raises(SystemExit, match="--classes.*'hexagon'"):
+        main([*args, "--output", str(tmp_path / "p"), "--classes", "hexagon"])

@@ -32,7 +32,12 @@ from m2det_jax.config import (
     validate,
 )
 from m2det_jax.inference.detector import make_detector
-from m2det_jax.inference.image_files import detections_to_records, draw_detections, load_image
+from m2det_jax.inference.image_files import (
+    class_ids,
+    detections_to_records,
+    draw_detections,
+    load_image,
+)
 
 
 @dataclasses.dataclass
@@ -85,9 +90,14 @@ class Detector:
 
     def __init__(self, cfg, variables, *, class_names: Sequence[str] | None = None,
                  score_threshold: float = 0.3, batch_size: int = 1,
-                 tta_sizes: Sequence[int] | None = None, tta_flip: bool = False):  # fmt: skip
+                 tta_sizes: Sequence[int] | None = None, tta_flip: bool = False,
+                 classes: str | Sequence[int | str] | None = None, max_det: int = 0):  # fmt: skip
+        """classes: keep only these (ids 1..C-1 or names, or "person,car"); max_det: at
+        most this many detections per image, highest scores (0: all)."""
         self.cfg = cfg
         self.class_names = list(class_names) if class_names else None
+        self.classes = class_ids(classes, self.class_names)
+        self.max_det = int(max_det)
         self.score_threshold = float(score_threshold)
         self._run = make_detector(cfg, variables, batch_size=batch_size, tta_sizes=tta_sizes,
                                   tta_flip=tta_flip)  # fmt: skip
@@ -99,7 +109,8 @@ class Detector:
         """A detector for the checkpoint at `path` (a training workdir, an `m2det convert`
         output or an `m2det export` folder); `config` (a config file or shipped name)
         replaces the stored config; `overrides` are "a.b=value" strings; `kwargs` go to
-        `Detector` (score_threshold, batch_size, tta_sizes, tta_flip, class_names)."""
+        `Detector` (score_threshold, batch_size, tta_sizes, tta_flip, class_names,
+        classes, max_det)."""
         path = os.fspath(path)
         cfg = load_config(config, overrides) if config is not None else _config_of(path, overrides)
         variables = load_variables(path, cfg)
@@ -120,7 +131,8 @@ class Detector:
             dets = self._run(chunk)
             for i, im in enumerate(chunk):
                 recs = detections_to_records(dets, i, im.shape[1], im.shape[0],
-                                             self.score_threshold, self.class_names)  # fmt: skip
+                                             self.score_threshold, self.class_names,
+                                             self.classes, self.max_det)  # fmt: skip
                 out.append(Detections(
                     boxes=np.array([r["box"] for r in recs], np.float32).reshape(-1, 4),
                     scores=np.array([r["score"] for r in recs], np.float32),

@@ -72,19 +72,47 @@ def class_name(k: int, class_names: Sequence[str] | None) -> str:
     return f"class {k}"
 
 
+def class_ids(spec: str | Sequence[int | str] | None,
+              class_names: Sequence[str] | None) -> set[int] | None:
+    """Model class ids (1..C-1) of a class filter: ids, names (of `class_names`) or a
+    comma-separated string of either ("person,car", "1,3"); None = every class. An unknown
+    name is a ValueError naming it and the known ones."""
+    if spec is None or spec == "" or spec == ():
+        return None
+    items = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out = set()
+    for x in items:
+        if isinstance(x, int) or (isinstance(x, str) and x.isdigit()):
+            out.add(int(x))
+        elif class_names and x in class_names:
+            out.add(list(class_names).index(x) + 1)
+        else:
+            known = ", ".join(class_names) if class_names else "none stored: use ids"
+            raise ValueError(f"class filter: unknown class {x!r} (names: {known})")
+    return out
+
+
 def detections_to_records(
     dets: dict[str, np.ndarray], i: int, width: int, height: int, score_threshold: float = 0.0,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None, classes: set[int] | None = None,
+    max_det: int = 0,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Valid rows of image i with score >= score_threshold, highest score first.
+    """Valid rows of image i with score >= score_threshold, highest score first; only the
+    model classes in `classes` (None: all) and at most `max_det` rows (0: all). The soft-NMS
+    runs per class, so dropping other classes afterwards equals not detecting them.
 
     Boxes are in pixels, clipped to the image ([0, W] x [0, H]); "class" is the model class
     (1..C-1), "label" its name.
     """
     valid = np.asarray(dets["valid"][i], bool)
     scores = np.asarray(dets["scores"][i], np.float32)
-    keep = np.nonzero(valid & (scores >= score_threshold))[0]
+    keep_mask = valid & (scores >= score_threshold)
+    if classes is not None:
+        keep_mask &= np.isin(np.asarray(dets["classes"][i]), sorted(classes))
+    keep = np.nonzero(keep_mask)[0]
     keep = keep[np.argsort(-scores[keep], kind="stable")]
+    if max_det > 0:
+        keep = keep[:max_det]
     boxes = np.asarray(dets["boxes"][i], np.float32)[keep]
     boxes = np.clip(boxes, 0.0, np.array([width, height, width, height], np.float32))
     classes = np.asarray(dets["classes"][i])[keep]
@@ -142,6 +170,7 @@ def detect_files(
     cfg, variables, inputs: str, output_dir: str, *, score_threshold: float = 0.3,
     class_names: Sequence[str] | None = None, batch_size: int = 1,
     tta_sizes: Sequence[int] | None = None, tta_flip: bool = False, log=print,
+    classes: set[int] | None = None, max_det: int = 0,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Detects objects in the images of `inputs` (file, folder or glob).
 
@@ -166,7 +195,8 @@ def detect_files(
         dets = run([im for _, im in pending])
         for i, (path, im) in enumerate(pending):
             h, w = im.shape[:2]
-            recs = detections_to_records(dets, i, w, h, score_threshold, class_names)
+            recs = detections_to_records(dets, i, w, h, score_threshold, class_names,
+                                         classes, max_det)  # fmt: skip
             name = _output_name(path, used)
             with (out / name).open("wb") as f:
                 draw_detections(im, recs).save(f, format=_pil_format(name))
