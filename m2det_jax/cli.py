@@ -165,6 +165,7 @@ def cmd_detect(args, cfg) -> int:
         results = detect_files(
             cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
             class_names=names, batch_size=args.batch, classes=classes, max_det=args.max_det,
+            exif=args.exif,
             tta_sizes=_int_list(args.tta_sizes, "--tta_sizes") or tuple(cfg.tta.sizes),
             tta_flip=args.tta_flip or bool(cfg.tta.flip))  # fmt: skip
     except FileNotFoundError as e:
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep only these classes: names or ids, comma-separated")
     sp.add_argument("--max_det", type=int, default=0,
                     help="at most this many detections per image, highest scores (0: all)")
+    sp.add_argument("--exif", action="store_true",
+                    help="turn images as their EXIF orientation says (phone photos)")
     sp.add_argument("--tta_sizes", default=None,
                     help="multi-scale test-time augmentation, e.g. 320,384,448 "
                          "(default: --config.tta.sizes)")

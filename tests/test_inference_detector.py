@@ -199,3 +199,21 @@ def test_class_filter_and_max_det(setup, tmp_path):
     assert rows == [d for d in every if d["class"] == 1][:3]
     with pytest.raises(SystemExit, match="--classes.*'hexagon'"):
         main([*args, "--output", str(tmp_path / "p"), "--classes", "hexagon"])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_only_when_asked(tmp_path, orientation):
+    from PIL import ImageOps
+
+    from m2det_jax.inference.image_files import load_image
+
+    stored = np.zeros((30, 50, 3), np.uint8)
+    stored[:10, :20] = (255, 0, 0)  # a red corner: every turn moves it
+    path = tmp_path / "phone.png"  # lossless, so pixels compare exactly
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif)
+    np.testing.assert_array_equal(load_image(str(path)), stored)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    np.testing.assert_array_equal(load_image(str(path), exif=True), want)
+    assert (want.shape[:2] == (50, 30)) == (orientation >= 5)

@@ -91,9 +91,12 @@ class Detector:
     def __init__(self, cfg, variables, *, class_names: Sequence[str] | None = None,
                  score_threshold: float = 0.3, batch_size: int = 1,
                  tta_sizes: Sequence[int] | None = None, tta_flip: bool = False,
-                 classes: str | Sequence[int | str] | None = None, max_det: int = 0):  # fmt: skip
+                 classes: str | Sequence[int | str] | None = None, max_det: int = 0,
+                 exif: bool = False):  # fmt: skip
         """classes: keep only these (ids 1..C-1 or names, or "person,car"); max_det: at
-        most this many detections per image, highest scores (0: all)."""
+        most this many detections per image, highest scores (0: all); exif: turn image
+        files as their EXIF orientation says (arrays are taken as they are)."""
+        self.exif = bool(exif)
         self.cfg = cfg
         self.class_names = list(class_names) if class_names else None
         self.classes = class_ids(classes, self.class_names)
@@ -110,7 +113,7 @@ class Detector:
         output or an `m2det export` folder); `config` (a config file or shipped name)
         replaces the stored config; `overrides` are "a.b=value" strings; `kwargs` go to
         `Detector` (score_threshold, batch_size, tta_sizes, tta_flip, class_names,
-        classes, max_det)."""
+        classes, max_det, exif)."""
         path = os.fspath(path)
         cfg = load_config(config, overrides) if config is not None else _config_of(path, overrides)
         variables = load_variables(path, cfg)
@@ -140,10 +143,9 @@ class Detector:
                     names=[r["label"] for r in recs], image=im))  # fmt: skip
         return out[0] if single else out
 
-    @staticmethod
-    def _image(x) -> np.ndarray:
+    def _image(self, x) -> np.ndarray:
         if isinstance(x, (str, os.PathLike)):
-            im = load_image(os.fspath(x))
+            im = load_image(os.fspath(x), self.exif)
             if im is None:
                 raise ValueError(f"{os.fspath(x)}: not a readable image")
             return im

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import colorsys
 import glob
+import io
 import json
 import logging
 import os
@@ -55,14 +56,43 @@ def list_images(path: str) -> list[str]:
     return files
 
 
-def load_image(path: str) -> np.ndarray | None:
-    """uint8 RGB [H, W, 3] of an image file (EXIF orientation not applied); None if unreadable."""
+# EXIF Orientation tag value -> the PIL transposes that turn the stored pixels upright.
+_EXIF_TRANSPOSES = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,), 3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,), 5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,), 7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}  # fmt: skip
+
+
+def exif_orientation(raw: bytes) -> int:
+    """The EXIF Orientation (1..8) of encoded image bytes; 1 (upright) when absent."""
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - unreadable metadata: as stored
+        return 1
+
+
+def load_image(path: str, exif: bool = False) -> np.ndarray | None:
+    """uint8 RGB [H, W, 3] of an image file; None if unreadable. The stored pixel grid
+    (as training data and the original are read) unless `exif`: then turned as the EXIF
+    Orientation tag says (phone photos), so boxes refer to the upright image."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError:
         return None
-    return data.decode_image(raw)
+    image = data.decode_image(raw)
+    if image is None or not exif:
+        return image
+    steps = _EXIF_TRANSPOSES.get(exif_orientation(raw), ())
+    if not steps:
+        return image
+    pil = Image.fromarray(image)
+    for t in steps:
+        pil = pil.transpose(t)
+    return np.asarray(pil)
 
 
 def class_name(k: int, class_names: Sequence[str] | None) -> str:
@@ -170,7 +200,7 @@ def detect_files(
     cfg, variables, inputs: str, output_dir: str, *, score_threshold: float = 0.3,
     class_names: Sequence[str] | None = None, batch_size: int = 1,
     tta_sizes: Sequence[int] | None = None, tta_flip: bool = False, log=print,
-    classes: set[int] | None = None, max_det: int = 0,
+    classes: set[int] | None = None, max_det: int = 0, exif: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Detects objects in the images of `inputs` (file, folder or glob).
 
@@ -206,7 +236,7 @@ def detect_files(
         pending.clear()
 
     for path in files:
-        im = load_image(path)
+        im = load_image(path, exif)
         if im is None:
             _log.warning("skipping unreadable image %s", path)
             continue
