@@ -20,8 +20,10 @@ from m2det_jax.config import load_config, run_config_file, shipped_configs
 from m2det_jax.distributed import initialize_distributed
 from m2det_jax.errors import CheckpointMismatchError, ConfigMismatchError, NonFiniteLossError
 from m2det_jax.evaluation.driver import evaluate_variables
+from m2det_jax.inference.api import Detector
 from m2det_jax.inference.export import export
 from m2det_jax.inference.image_files import class_ids, detect_files
+from m2det_jax.inference.video import detect_video, is_video_source
 from m2det_jax.paths import as_path, as_str, join
 from m2det_jax.perf import runtime
 from m2det_jax.perf.benchmark import format_table, run_benchmark
@@ -161,13 +163,25 @@ def cmd_detect(args, cfg) -> int:
         classes = class_ids(args.classes, names)
     except ValueError as e:
         raise SystemExit(f"error: --classes: {e}") from None
+    tta_sizes = _int_list(args.tta_sizes, "--tta_sizes") or tuple(cfg.tta.sizes)
+    tta_flip = args.tta_flip or bool(cfg.tta.flip)
+    if is_video_source(args.input):
+        detector = Detector(cfg, variables, class_names=names, score_threshold=args.score_threshold,
+                            batch_size=args.batch, tta_sizes=tta_sizes, tta_flip=tta_flip,
+                            classes=classes, max_det=args.max_det)  # fmt: skip
+        try:
+            r = detect_video(detector, args.input, args.output, max_frames=args.max_frames,
+                             show=args.show)  # fmt: skip
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"{r['frames']} frames ({r['skipped_frames']} skipped) -> {r['video']}, "
+              f"{r['jsonl']}" + (" (interrupted)" if r["interrupted"] else ""))
+        return 0
     try:
         results = detect_files(
             cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
             class_names=names, batch_size=args.batch, classes=classes, max_det=args.max_det,
-            exif=args.exif,
-            tta_sizes=_int_list(args.tta_sizes, "--tta_sizes") or tuple(cfg.tta.sizes),
-            tta_flip=args.tta_flip or bool(cfg.tta.flip))  # fmt: skip
+            exif=args.exif, tta_sizes=tta_sizes, tta_flip=tta_flip)  # fmt: skip
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{len(results)} images -> {join(args.output, 'detections.json')}")
@@ -248,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
              cmd_detect)  # fmt: skip
     sp.add_argument("--checkpoint", required=True,
                     help="variables checkpoint (m2det convert / export) or a train workdir")
-    sp.add_argument("--input", required=True, help="image file, folder or glob pattern")
+    sp.add_argument("--input", required=True,
+                    help="image file, folder or glob; a video file, camera index (0) or "
+                         "stream URL")  # fmt: skip
     sp.add_argument("--output", required=True, help="output folder")
     sp.add_argument("--score_threshold", type=float, default=0.3,
                     help="drawn / written detections (NMS uses cfg.postprocess)")
@@ -261,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="at most this many detections per image, highest scores (0: all)")
     sp.add_argument("--exif", action="store_true",
                     help="turn images as their EXIF orientation says (phone photos)")
+    sp.add_argument("--max_frames", type=int, default=0, help="video: stop after N frames")
+    sp.add_argument("--show", action="store_true", help="video: show frames in a window")
     sp.add_argument("--tta_sizes", default=None,
                     help="multi-scale test-time augmentation, e.g. 320,384,448 "
                          "(default: --config.tta.sizes)")
