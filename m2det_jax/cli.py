@@ -133,7 +133,8 @@ def cmd_eval(args, cfg) -> int:
     variables = _load_checkpoint(args.checkpoint, cfg, args.allow_config_mismatch)
     as_path(args.workdir).mkdir(parents=True, exist_ok=True)
     try:
-        m = evaluate_variables(cfg, variables, workdir=args.workdir)
+        m = evaluate_variables(cfg, variables, workdir=args.workdir,
+                               results_file=args.save_results)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", "COCO or VOC metrics of a checkpoint on cfg.data.eval_split", cmd_eval)
     sp.add_argument("--checkpoint", required=True,
                     help="variables checkpoint (m2det convert / export) or a train workdir")
+    sp.add_argument("--save_results", default=None,
+                    help="also write every detection as a COCO results JSON here (a split "
+                         "without labels is then predicted and written, not scored)")
     _distributed_flags(sp)
     sp = add("detect", "images / a folder / a glob -> images with boxes + detections.json",
              cmd_detect)  # fmt: skip

@@ -322,3 +322,53 @@ def test_compact_detections_keeps_the_top_rows_in_order():
         np.testing.assert_array_equal(np.asarray(out["scores"][i])[m], np.asarray(dets["scores"][i])[top])
         np.testing.assert_array_equal(np.asarray(out["boxes"][i])[m], np.asarray(dets["boxes"][i])[top])
     assert not np.asarray(out["valid"][2]).any()
+
+
+def test_results_file_and_a_split_without_labels(tmp_path):
+    """`evaluate_variables(..., results_file=F)` (`m2det eval --save_results F`) writes every
+    detection as COCO results; a split whose annotation file has no boxes is predicted and
+    written, not scored."""
+    from m2det_jax.cli import main
+    from m2det_jax.data.sources.shapes import encode_png
+    from m2det_jax.evaluation.driver import evaluate_variables
+
+    root = tmp_path / "folder"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(1, 5):
+        (root / "images" / f"{i}.png").write_bytes(
+            encode_png(rng.integers(0, 255, (40, 50, 3), np.uint8)))  # fmt: skip
+        images.append({"id": i, "file_name": f"{i}.png", "width": 50, "height": 40})
+    cats = [{"id": 7, "name": "thing"}]
+    labelled = {"images": images, "categories": cats, "annotations": [
+        {"id": i, "image_id": i, "category_id": 7, "bbox": [5, 6, 20, 12]} for i in (1, 2, 3, 4)]}
+    (root / "train.json").write_text(json.dumps(labelled))
+    (root / "test.json").write_text(json.dumps({**labelled, "annotations": []}))
+    overrides = ["data.dataset=coco_folder", f"data.data_dir={tmp_path / 'tfds'}",
+                 f"data.image_dir={root / 'images'}", f"data.annotation_file={root / 'train.json'}",
+                 "model.num_classes=2", "data.eval_batch_size=2", "data.num_workers=0",
+                 "postprocess.score_threshold=0.05", *OVERRIDES]  # fmt: skip
+    cfg = load_config(config_path("tiny"), [*overrides,
+                                            f"data.eval_annotation_file={root / 'train.json'}"])
+    v = tiny_variables(cfg)
+    m = evaluate_variables(cfg, v, results_file=str(tmp_path / "labelled.json"))
+    rows = json.loads((tmp_path / "labelled.json").read_text())
+    assert len(rows) == m["num_detections"] > 0 and "AP" in m
+    assert {r["image_id"] for r in rows} <= {1, 2, 3, 4} and {r["category_id"] for r in rows} == {7}
+    assert all(len(r["bbox"]) == 4 and 0 <= r["score"] <= 1 for r in rows)
+    # The same images, no labels: the same detections, written and not scored.
+    unl = load_config(config_path("tiny"), [*overrides,
+                                            f"data.eval_annotation_file={root / 'test.json'}"])
+    m2 = evaluate_variables(unl, v, results_file=str(tmp_path / "test_dev.json"))
+    assert m2 == {"scored": False, "num_images": 4, "num_detections": len(rows)}
+    assert json.loads((tmp_path / "test_dev.json").read_text()) == rows
+    # Through the CLI.
+    from m2det_jax.checkpoints.variables import save_variables
+
+    ckpt = save_variables(tmp_path / "ckpt", v, unl, source="test")
+    assert main(["eval", "--config", config_path("tiny"), *(f"--config.{o}" for o in overrides),
+                 f"--config.data.eval_annotation_file={root / 'test.json'}", "--checkpoint",
+                 str(ckpt), "--workdir", str(tmp_path / "ev"), "--save_results",
+                 str(tmp_path / "cli.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "cli.json").read_text()) == rows

@@ -45,11 +45,21 @@ def official_annotations(cfg) -> str | None:
     return cfg.data.eval_annotation_file or None
 
 
+def _rows_to_json(rows: np.ndarray) -> list[dict]:
+    return [{"image_id": int(r[0]), "category_id": int(r[6]),
+             "bbox": [round(float(v), 2) for v in r[1:5]], "score": round(float(r[5]), 5)}
+            for r in rows]  # fmt: skip
+
+
 def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
-                       workdir: str | None = None) -> dict[str, Any]:  # fmt: skip
+                       workdir: str | None = None,
+                       results_file: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Metrics of `variables` on cfg.data.eval_split (`metric_of`: COCO's 12 numbers and
     AP per class, or VOC mAP and AP per class); written to `<workdir>/eval_metrics.json`
-    when a workdir is given (process 0)."""
+    when a workdir is given (process 0). `results_file`: every detection also written as a
+    COCO results JSON (image_id, category_id, bbox [x, y, w, h], score; what COCO's
+    test-dev server takes). A split without any ground-truth box is predicted and its
+    results written, not scored: the metrics are then {"scored": False, ...counts}."""
     guard_compilation_cache()
     builder = builder if builder is not None else data.open_builder(cfg)
     split = cfg.data.eval_split
@@ -63,20 +73,29 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
         image_ids.append(b["image_id"])
         if voc:
             voc_dets.update(per_image(b))
-        else:  # only the valid rows, as [n, 7]: memory follows the detections
+        if not voc or results_file:  # only the valid rows, as [n, 7]: memory follows them
             rows.append(coco_results_array(b["boxes"], b["scores"], b["classes"], b["valid"],
                                            b["image_id"], cats, offset))  # fmt: skip
     metrics: dict[str, Any] = {}
     if main:
         image_ids = np.concatenate(image_ids)
-        if voc:
+        results = np.concatenate(rows) if rows else np.zeros((0, 7))
+        if results_file:
+            as_path(results_file).write_text(json.dumps(_rows_to_json(results)))
+            _log.info("%d detections of %d images -> %s", len(results), len(image_ids),
+                      results_file)  # fmt: skip
+        official = None if voc else official_annotations(cfg)
+        ann = None if voc else (official or data.ground_truth(builder, split))
+        if not voc and not official and not ann["annotations"] and results_file:
+            _log.warning("%s split %r has no labels: predicted and written to %s, not scored",
+                         cfg.data.dataset, split, results_file)  # fmt: skip
+            metrics = {"scored": False, "num_images": int(len(image_ids)),
+                       "num_detections": len(results)}  # fmt: skip
+        elif voc:
             metrics = voc_metrics_of(cfg, builder, split, voc_dets)
         else:
-            official = official_annotations(cfg)
-            ann = official or data.ground_truth(builder, split)
             source = official or f"rebuilt from the {cfg.data.dataset} {split} records"
             _log.info("COCO ground truth: %s", source)
-            results = np.concatenate(rows)
             backend = cfg.eval.backend
             metrics = coco_evaluate(ann, results, image_ids=image_ids, backend=backend)
             metrics["num_images"] = int(len(image_ids))
