@@ -165,24 +165,18 @@ def cmd_detect(args, cfg) -> int:
     except ValueError as e:
         raise SystemExit(f"error: --classes: {e}") from None
     tta_sizes = _int_list(args.tta_sizes, "--tta_sizes") or tuple(cfg.tta.sizes)
-    tta_flip = args.tta_flip or bool(cfg.tta.flip)
-    if is_video_source(args.input):
-        detector = Detector(cfg, variables, class_names=names, score_threshold=args.score_threshold,
-                            batch_size=args.batch, tta_sizes=tta_sizes, tta_flip=tta_flip,
-                            classes=classes, max_det=args.max_det)  # fmt: skip
-        try:
+    detector = Detector(cfg, variables, class_names=names, score_threshold=args.score_threshold,
+                        batch_size=args.batch, tta_sizes=tta_sizes,
+                        tta_flip=args.tta_flip or bool(cfg.tta.flip), classes=classes,
+                        max_det=args.max_det, exif=args.exif)  # fmt: skip
+    try:
+        if is_video_source(args.input):
             r = detect_video(detector, args.input, args.output, max_frames=args.max_frames,
                              show=args.show)  # fmt: skip
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
-        print(f"{r['frames']} frames ({r['skipped_frames']} skipped) -> {r['video']}, "
-              f"{r['jsonl']}" + (" (interrupted)" if r["interrupted"] else ""))
-        return 0
-    try:
-        results = detect_files(
-            cfg, variables, args.input, args.output, score_threshold=args.score_threshold,
-            class_names=names, batch_size=args.batch, classes=classes, max_det=args.max_det,
-            exif=args.exif, tta_sizes=tta_sizes, tta_flip=tta_flip)  # fmt: skip
+            print(f"{r['frames']} frames ({r['skipped_frames']} skipped) -> {r['video']}, "
+                  f"{r['jsonl']}" + (" (interrupted)" if r["interrupted"] else ""))
+            return 0
+        results = detect_files(detector, args.input, args.output)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{len(results)} images -> {join(args.output, 'detections.json')}")

@@ -113,6 +113,7 @@ def test_run_files_and_tensorboard_go_to_gs(gs):
 
 
 def test_export_detect_and_annotations_on_gs(gs, tmp_path):
+    from m2det_jax import Detector
     from m2det_jax.inference.export import export_jax, load_serving
     from m2det_jax.inference.image_files import detect_files
     from tests.helpers import tiny_variables
@@ -128,8 +129,8 @@ def test_export_detect_and_annotations_on_gs(gs, tmp_path):
     from PIL import Image
 
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "a.jpg")
-    res = detect_files(cfg, variables, str(tmp_path / "a.jpg"), "gs://bucket/det",
-                       score_threshold=0.0, log=lambda s: None)  # fmt: skip
+    res = detect_files(Detector(cfg, variables, score_threshold=0.0), str(tmp_path / "a.jpg"),
+                       "gs://bucket/det", log=lambda s: None)  # fmt: skip
     assert [r["output"] for r in res] == ["a.jpg"]
     with Image.open(gs / "bucket/det/a.jpg") as im:
         assert im.size == (50, 40)

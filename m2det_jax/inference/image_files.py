@@ -2,7 +2,7 @@
 
 * `list_images` / `load_image`: a file, a folder or a glob; unreadable files are reported,
   never fatal.
-* `detect_files`: every readable image through `inference.make_detector` (plain, or the
+* `detect_files`: every readable image through an `m2det_jax.Detector` (plain, or the
   configured test-time augmentation), one drawn image per input and `detections.json`.
 * `draw_detections` / `detections_to_records`: labelled boxes on the original image and the
   JSON rows of `detections.json`.
@@ -23,7 +23,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from m2det_jax import data
-from m2det_jax.inference.detector import make_detector
 from m2det_jax.paths import as_path
 
 _log = logging.getLogger(__name__)
@@ -196,25 +195,19 @@ def _pil_format(name: str) -> str:
     return "JPEG" if name.lower().endswith((".jpg", ".jpeg")) else "PNG"
 
 
-def detect_files(
-    cfg, variables, inputs: str, output_dir: str, *, score_threshold: float = 0.3,
-    class_names: Sequence[str] | None = None, batch_size: int = 1,
-    tta_sizes: Sequence[int] | None = None, tta_flip: bool = False, log=print,
-    classes: set[int] | None = None, max_det: int = 0, exif: bool = False,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Detects objects in the images of `inputs` (file, folder or glob).
+def detect_files(detector, inputs: str, output_dir: str, *, log=print) -> list[dict[str, Any]]:
+    """Detects objects in the images of `inputs` (file, folder or glob) with `detector`
+    (an `m2det_jax.Detector`: its batch size, score threshold, class filter, max_det,
+    EXIF handling and class names).
 
-    Writes one image per readable input with labelled boxes (detections with score >=
-    score_threshold) to `output_dir`, and `output_dir/detections.json`: a list with one
-    entry per processed image {file, output, width, height, detections: [{box [x1, y1, x2,
-    y2] pixels, score, class, label}]}. Unreadable files are skipped with a warning on
-    stderr naming them. Returns the JSON list.
+    Writes one image per readable input with labelled boxes to `output_dir`, and
+    `output_dir/detections.json`: a list with one entry per processed image {file, output,
+    width, height, detections: [{box [x1, y1, x2, y2] pixels, score, class, label}]}.
+    Unreadable files are skipped with a warning on stderr naming them. Returns the list.
     """
     files = list_images(inputs)
     out = as_path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = make_detector(cfg, variables, batch_size=batch_size, tta_sizes=tta_sizes,
-                        tta_flip=tta_flip)  # fmt: skip
     results: list[dict[str, Any]] = []
     used: set[str] = set()
     pending: list[tuple[str, np.ndarray]] = []
@@ -222,26 +215,24 @@ def detect_files(
     def flush():
         if not pending:
             return
-        dets = run([im for _, im in pending])
-        for i, (path, im) in enumerate(pending):
+        for (path, im), r in zip(pending, detector([im for _, im in pending]), strict=True):
             h, w = im.shape[:2]
-            recs = detections_to_records(dets, i, w, h, score_threshold, class_names,
-                                         classes, max_det)  # fmt: skip
+            recs = r.to_json()
             name = _output_name(path, used)
             with (out / name).open("wb") as f:
-                draw_detections(im, recs).save(f, format=_pil_format(name))
+                r.draw().save(f, format=_pil_format(name))
             results.append({"file": os.path.abspath(path), "output": name, "width": int(w),
                             "height": int(h), "detections": recs})  # fmt: skip
             log(f"{path}: {len(recs)} detections -> {name}")
         pending.clear()
 
     for path in files:
-        im = load_image(path, exif)
+        im = load_image(path, detector.exif)
         if im is None:
             _log.warning("skipping unreadable image %s", path)
             continue
         pending.append((path, im))
-        if len(pending) == batch_size:
+        if len(pending) == detector.batch_size:
             flush()
     flush()
     (out / "detections.json").write_text(json.dumps(results, indent=1))
