@@ -24,6 +24,7 @@ ORDER = (
     "sources/shapes",
     "sources/coco_folder",
     "sources/voc_folder",
+    "sources/yolo_folder",
     "builders",
     "augment_host",
     "augment_device",

@@ -130,7 +130,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     # "coco/2017", "voc" (VOC07+12), "voc/2007", "voc/2012" (prepared TFDS data, never
     # downloaded), "shapes" (generated on first use), "coco_folder" (built on first use
-    # from image_dir + annotation_file) or "voc_folder" (built from root).
+    # from image_dir + annotation_file), "voc_folder" (built from root) or "yolo_folder"
+    # (a YOLO-format folder: yolo_yaml).
     c.data.dataset = "coco/2017"
     c.data.max_boxes = 100  # G: ground truth per image, padded (extra boxes truncated, counted)
     # TFDS data_dir; None: ~/tensorflow_datasets.
@@ -162,6 +163,8 @@ def default_config() -> ml_collections.ConfigDict:
     # and its class names, in label order (empty: every name in its XMLs, sorted).
     c.data.root = ml_collections.FieldReference(None, field_type=str)
     c.data.class_names = ()
+    # yolo_folder only: the dataset YAML (path, train, val, names) of a YOLO-format folder.
+    c.data.yolo_yaml = ml_collections.FieldReference(None, field_type=str)
     # (dataset, split) pairs read after train_split for training, from the same data_dir
     # and with the same classes, e.g. (("voc/2012", "trainval"),) after voc/2007's
     # trainval (what data.dataset "voc" does by itself).

@@ -4,7 +4,8 @@
   schema       the coco/2017-like TFDS features, prepare, data_source
   coco_json    category_ids, ground_truth (COCO dict from the records), annotation_file
   sources/     the builders we generate: shapes (build_shapes), coco_folder
-               (build_coco_folder), voc_folder (build_voc_folder)
+               (build_coco_folder), voc_folder (build_voc_folder), yolo_folder
+               (build_yolo_folder)
   builders     cfg.data.dataset -> prepared builder (open_builder), train_source,
                dataset_labels, known_labels
   augment_host    train augmentation (OpenCV, on the host)

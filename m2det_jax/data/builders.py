@@ -6,6 +6,9 @@ Datasets by `cfg.data.dataset` (`GENERATED` maps the names we build ourselves):
     (`data.sources.coco_folder.build_coco_folder`).
   * "voc_folder": built on first use from the VOC-format folder `cfg.data.root`
     (`data.sources.voc_folder.build_voc_folder`; classes `cfg.data.class_names`, or inferred).
+  * "yolo_folder": a YOLO-format folder (dataset YAML `cfg.data.yolo_yaml`, images/ +
+    labels/), converted to COCO-format JSON and built as a coco_folder
+    (`data.sources.yolo_folder.build_yolo_folder`).
   * "voc": PASCAL VOC07+12 (`ALIASES`): TFDS voc/2007, whose "trainval" is followed by
     voc/2012's "trainval" for training; evaluation reads voc/2007 (its "test").
   * any other name, e.g. "coco/2017", "voc/2007", "voc/2012" (or any TFDS detection set
@@ -26,6 +29,7 @@ from m2det_jax.data import coco_json, schema
 from m2det_jax.data.sources.coco_folder import build_coco_folder
 from m2det_jax.data.sources.shapes import build_shapes
 from m2det_jax.data.sources.voc_folder import VOC_CLASSES, build_voc_folder
+from m2det_jax.data.sources.yolo_folder import build_yolo_folder
 from m2det_jax.paths import as_str
 
 
@@ -53,11 +57,16 @@ def _coco_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
     )
 
 
+def _yolo_folder(d, data_dir: str) -> tfds.core.DatasetBuilder:
+    return build_yolo_folder(data_dir, d.yolo_yaml)
+
+
 # Datasets generated here on first use: name -> f(cfg.data, data_dir) -> prepared builder.
 GENERATED: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
     "shapes": _shapes,
     "coco_folder": _coco_folder,
     "voc_folder": _voc_folder,
+    "yolo_folder": _yolo_folder,
 }
 
 
