@@ -46,7 +46,8 @@ IMAGE_PACKAGES = (
     "packaging", "pillow", "protobuf", "psutil", "pyarrow", "pygments", "pyyaml",
     "requests", "rich", "scipy", "simplejson", "six", "tensorstore", "toolz", "treescope",
     "typing-extensions", "urllib3", "uvloop", "wrapt", "zipp", "aiofiles", "einops",
-    "colorama", "prometheus-client",
+    "colorama", "prometheus-client", "matplotlib", "contourpy", "cycler", "fonttools",
+    "kiwisolver", "pyparsing", "python-dateutil",
 )  # fmt: skip
 
 # Carried: what the package needs beyond the image.

@@ -30,6 +30,7 @@ from m2det_jax.perf.benchmark import format_table, run_benchmark
 from m2det_jax.perf.costs import format_cost_table, time_train_step, train_step_cost
 from m2det_jax.perf.stats import count_params, model_summary
 from m2det_jax.perf.verify import verify_reference
+from m2det_jax.train.curves import plot_curves
 from m2det_jax.train.loop import train_and_evaluate
 
 
@@ -142,6 +143,16 @@ def cmd_eval(args, cfg) -> int:
     return 0
 
 
+def cmd_plot(args, cfg) -> int:
+    run = args.run or args.workdir
+    try:
+        path = plot_curves(run, args.output)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(path)
+    return 0
+
+
 def cmd_summary(args, cfg) -> int:
     if not args.all:
         print(json.dumps(model_summary(cfg)))
@@ -244,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default=None, help="checkpoint dir (default WORKDIR/converted)")
     sp = add("verify", "parity with the original on the shipped reference + speed", cmd_verify)
     sp.add_argument("--iters", type=int, default=5)
+    sp = add("plot", "training curves of a run (metrics.jsonl) -> one PNG", cmd_plot)
+    sp.add_argument("run", nargs="?", default=None, help="the run's workdir (or --workdir)")
+    sp.add_argument("--output", default=None, help="the PNG (default RUN/curves.png)")
     sp = add("summary", "params, GMACs per image and priors of a config", cmd_summary)
     sp.add_argument("--all", action="store_true", help="a table of every shipped config")
     sp = add("train", "train (resumes from WORKDIR/checkpoints if present)", cmd_train,

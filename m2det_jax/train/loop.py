@@ -33,6 +33,7 @@ from m2det_jax.errors import NonFiniteLossError
 from m2det_jax.evaluation.driver import evaluate_variables
 from m2det_jax.models import build_model
 from m2det_jax.paths import as_path
+from m2det_jax.train.curves import plot_curves
 from m2det_jax.train.data_state import (
     checkpoint_data_state,
     data_counts,
@@ -268,6 +269,11 @@ def train_and_evaluate(
         if not preempted and eval_every >= 0:
             eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
         log.close()
+        if is_main and not preempted:
+            try:  # a picture of the run; never a reason for the run to fail
+                _log.info("training curves: %s", plot_curves(workdir))
+            except Exception as e:  # noqa: BLE001
+                _log.warning("training curves not drawn: %s: %s", type(e).__name__, e)
         if preempted and is_main:
             _log.info(f"SIGTERM: saved step {step} to {ckpts.directory}; rerun the same command "
                   "to resume")  # fmt: skip
