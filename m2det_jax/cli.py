@@ -179,7 +179,8 @@ def cmd_detect(args, cfg) -> int:
     detector = Detector(cfg, variables, class_names=names, score_threshold=args.score_threshold,
                         batch_size=args.batch, tta_sizes=tta_sizes,
                         tta_flip=args.tta_flip or bool(cfg.tta.flip), classes=classes,
-                        max_det=args.max_det, exif=args.exif)  # fmt: skip
+                        max_det=args.max_det, agnostic=args.agnostic,
+                        exif=args.exif)  # fmt: skip
     try:
         if is_video_source(args.input):
             r = detect_video(detector, args.input, args.output, max_frames=args.max_frames,
@@ -227,6 +228,40 @@ def _distributed_flags(sp) -> None:
     sp.add_argument("--process_id", type=int, default=None)
 
 
+def _nms_flags(sp) -> None:
+    """--classes, --max_det, --agnostic: run-time NMS choices (config postprocess.*)."""
+    sp.add_argument("--classes", default=None,
+                    help="detect only these classes: names or ids, comma-separated (the "
+                         "others never enter the NMS; postprocess.classes)")
+    sp.add_argument("--max_det", type=int, default=0,
+                    help="at most this many detections per image, highest scores "
+                         "(postprocess.max_per_image; 0: the config's)")
+    sp.add_argument("--agnostic", action="store_true",
+                    help="class-agnostic NMS: one NMS over all classes per image "
+                         "(postprocess.class_agnostic)")
+
+
+def _nms_overrides(args) -> list[str]:
+    """eval / export: --classes, --max_det, --agnostic as config overrides."""
+    if getattr(args, "fn", None) not in (cmd_eval, cmd_export):
+        return []
+    out = []
+    if args.classes:
+        names = (read_labels(args.checkpoint) or {}).get("class_names")
+        try:
+            ids = class_ids(args.classes, names)
+        except ValueError as e:
+            raise SystemExit(f"error: --classes: {e}") from None
+        out.append(f"postprocess.classes={tuple(sorted(ids))}")
+    if args.max_det < 0:
+        raise SystemExit(f"error: --max_det={args.max_det}: must be >= 0")
+    if args.max_det:
+        out.append(f"postprocess.max_per_image={args.max_det}")
+    if args.agnostic:
+        out.append("postprocess.class_agnostic=True")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="m2det", description="M2Det in JAX/Flax. Config overrides: --config.a.b=value"
@@ -269,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save_results", default=None,
                     help="also write every detection as a COCO results JSON here (a split "
                          "without labels is then predicted and written, not scored)")
+    _nms_flags(sp)
     _distributed_flags(sp)
     sp = add("detect", "images / a folder / a glob -> images with boxes + detections.json",
              cmd_detect)  # fmt: skip
@@ -283,10 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--class_names", default=None,
                     help="comma-separated names of classes 1..C-1 (default 'class k')")
     sp.add_argument("--batch", type=int, default=1, help="images per forward pass")
-    sp.add_argument("--classes", default=None,
-                    help="keep only these classes: names or ids, comma-separated")
-    sp.add_argument("--max_det", type=int, default=0,
-                    help="at most this many detections per image, highest scores (0: all)")
+    _nms_flags(sp)
     sp.add_argument("--exif", action="store_true",
                     help="turn images as their EXIF orientation says (phone photos)")
     sp.add_argument("--max_frames", type=int, default=0, help="video: stop after N frames")
@@ -303,11 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", required=True, help="output folder")
     sp.add_argument("--bf16", action="store_true", help="store weights as bfloat16")
     sp.add_argument("--batch", type=int, default=0,
-                    help="serving batch size (0: symbolic for jax.export, 1 for savedmodel)")
-    sp.add_argument("--serving", choices=("auto", "jax", "savedmodel", "none"), default="jax",
+                    help="serving batch size (0: symbolic for jax.export, 1 for savedmodel "
+                         "and onnx)")
+    sp.add_argument("--serving", choices=("auto", "jax", "savedmodel", "onnx", "none"),
+                    default="jax",
                     help="serving artefact: jax.export (default), TF SavedModel with a fixed "
-                         "batch (needs the savedmodel extra), auto (SavedModel when "
+                         "batch (needs the savedmodel extra), onnx (network + decode, fixed "
+                         "batch, NMS outside; needs the onnx extra), auto (SavedModel when "
                          "importable, else jax.export) or none")
+    _nms_flags(sp)
     sp = add("benchmark", "speed as the paper measures it (batch 1, net + NMS) + throughput",
              cmd_benchmark)  # fmt: skip
     sp.add_argument("--checkpoint", default=None, help="variables (default: random weights)")
@@ -357,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runtime.use_cpu_conv_flags():  # before any JAX computation
             print("warning: --xla_cpu_conv_flags: this jaxlib does not know the flag; "
                   "ignored", file=sys.stderr)  # fmt: skip
-    cfg = _load(args, overrides)
+    cfg = _load(args, overrides + _nms_overrides(args))
     return int(args.fn(args, cfg) or 0)
 
 

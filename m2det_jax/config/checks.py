@@ -49,6 +49,11 @@ def validate(cfg) -> None:
         )
     if cfg.postprocess.pixel_offset not in (0, 1):
         raise ValueError(f"postprocess.pixel_offset={cfg.postprocess.pixel_offset}: 0 or 1")
+    bad = [k for k in cfg.postprocess.classes
+           if not isinstance(k, int) or not 1 <= k < cfg.model.num_classes]
+    if bad:
+        raise ValueError(f"postprocess.classes={tuple(cfg.postprocess.classes)}: {bad[0]!r} is "
+                         f"not a class id 1..{cfg.model.num_classes - 1}")
     ps = tuple(cfg.train.profile_steps)
     if len(ps) != 2 or ps[0] < 0 or (ps[1] and ps[1] <= ps[0]):
         raise ValueError(f"train.profile_steps={ps}: (start, stop), 0 <= start < stop, "

@@ -56,6 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.postprocess.max_per_image = 0  # 0 = no cap (original)
     c.postprocess.candidates_per_class = 1000
     c.postprocess.pixel_offset = 1  # 1 = the original's +1-pixel IoU
+    # Beyond the original: one NMS over all classes per image (each prior with its best
+    # class; rows: max_per_image, or keep_per_class when 0), and a class filter (ids
+    # 1..C-1 that may be detected; empty: all). `inference.postprocess.agnostic`.
+    c.postprocess.class_agnostic = False
+    c.postprocess.classes = ()
 
     # Test-time augmentation for `m2det eval`, training's evaluation and `m2det detect`
     # (the paper's multi-scale setting): the input sizes to run (empty: only

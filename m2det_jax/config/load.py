@@ -38,6 +38,8 @@ def _parse_value(text: str, current):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
+    elif isinstance(current, tuple) and not isinstance(value, tuple):
+        value = (value,)  # "classes=3": a one-element tuple
     return value
 
 

@@ -70,6 +70,28 @@ class Detections:
         return draw_detections(np.asarray(image, np.uint8), self.to_json())
 
 
+def with_postprocess(cfg, *, classes=None, max_det: int = 0, agnostic: bool = False):
+    """`cfg` with the run-time NMS choices set (a validated, locked copy; `cfg` itself
+    when nothing changes): `postprocess.classes` (ids), `postprocess.max_per_image`
+    (when max_det > 0), `postprocess.class_agnostic` (when agnostic)."""
+    changes = {}
+    if classes:
+        changes["classes"] = tuple(sorted(int(k) for k in classes))
+    if max_det > 0:
+        changes["max_per_image"] = int(max_det)
+    if agnostic:
+        changes["class_agnostic"] = True
+    if not changes:
+        return cfg
+    out = cfg.copy_and_resolve_references()
+    out.unlock()
+    for k, v in changes.items():
+        out.postprocess[k] = v
+    validate(out)
+    out.lock()
+    return out
+
+
 def _config_of(path: str, overrides: Sequence[str]):
     """The config stored with a checkpoint, overridden, validated and locked."""
     run_file = run_config_file(path)
@@ -92,15 +114,18 @@ class Detector:
                  score_threshold: float = 0.3, batch_size: int = 1,
                  tta_sizes: Sequence[int] | None = None, tta_flip: bool = False,
                  classes: str | Sequence[int | str] | None = None, max_det: int = 0,
-                 exif: bool = False):  # fmt: skip
-        """classes: keep only these (ids 1..C-1 or names, or "person,car"); max_det: at
-        most this many detections per image, highest scores (0: all); exif: turn image
-        files as their EXIF orientation says (arrays are taken as they are)."""
+                 agnostic: bool = False, exif: bool = False):  # fmt: skip
+        """classes: detect only these (ids 1..C-1 or names, or "person,car"; the others
+        never enter the NMS); max_det: at most this many detections per image, highest
+        scores (0: the config's `postprocess.max_per_image`); agnostic: one NMS over all
+        classes (`postprocess.class_agnostic`); exif: turn image files as their EXIF
+        orientation says (arrays are taken as they are)."""
         self.exif = bool(exif)
-        self.cfg = cfg
         self.class_names = list(class_names) if class_names else None
         self.classes = class_ids(classes, self.class_names)
         self.max_det = int(max_det)
+        self.cfg = cfg = with_postprocess(cfg, classes=self.classes, max_det=self.max_det,
+                                          agnostic=agnostic)  # fmt: skip
         self.score_threshold = float(score_threshold)
         self._run = make_detector(cfg, variables, batch_size=batch_size, tta_sizes=tta_sizes,
                                   tta_flip=tta_flip)  # fmt: skip
@@ -113,7 +138,7 @@ class Detector:
         output or an `m2det export` folder); `config` (a config file or shipped name)
         replaces the stored config; `overrides` are "a.b=value" strings; `kwargs` go to
         `Detector` (score_threshold, batch_size, tta_sizes, tta_flip, class_names,
-        classes, max_det, exif)."""
+        classes, max_det, agnostic, exif)."""
         path = os.fspath(path)
         cfg = load_config(config, overrides) if config is not None else _config_of(path, overrides)
         variables = load_variables(path, cfg)

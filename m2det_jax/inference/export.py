@@ -15,6 +15,9 @@
     `savedmodel` extra). Its batch size is fixed (`batch`, default 1): TensorFlow 2.21's
     XlaCallModule cannot refine the symbolic batch through the decomposition of jax's
     `top_k`, which the NMS uses. Reload with `load_saved_model`.
+  - `out/model.onnx` (`serving="onnx"`, the optional `onnx` extra): preprocess + network +
+    decode + softmax as a standard ONNX graph for onnxruntime / TensorRT / OpenVINO, fixed
+    batch; the soft-NMS runs outside it (`inference.onnx_export`, `OnnxDetector`).
   - `out/serving.json`: what the served function takes and returns.
 * `out/config.json`: the config, which `m2det eval/detect/export` use when given `out` as
   `--checkpoint` without `--config`.
@@ -215,9 +218,10 @@ def export(
 
     Args:
       batch: the serving batch size; 0 = symbolic for jax.export, 1 for the SavedModel
-        (whose batch is always fixed).
-      serving: "jax" (jax.export), "savedmodel" (orbax-export, needs TF), "auto" (SavedModel
-        when available, else jax.export) or "none".
+        and ONNX (whose batch is always fixed).
+      serving: "jax" (jax.export), "savedmodel" (orbax-export, needs TF), "onnx" (network +
+        decode as ONNX, needs onnx), "auto" (SavedModel when available, else jax.export)
+        or "none".
       labels: {"class_names", "category_ids"} (`checkpoints.variables.read_labels` of the source),
         stored with the variables and in serving.json.
     Returns:
@@ -264,8 +268,26 @@ def export(
         export_saved_model(cfg, inf, path, batch)
         meta["batch"] = str(batch)
         written["serving"] = path
+    elif serving == "onnx":
+        from m2det_jax.inference import onnx_export
+
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --serving onnx needs the onnx package "
+                             "(pip install -e '.[onnx]')") from None
+        path = os.fspath(out / onnx_export.ONNX_FILE)
+        batch = batch if batch > 0 else 1
+        info = onnx_export.export_onnx(cfg, inf, path, batch)
+        meta["batch"] = str(batch)
+        meta["outputs"] = ("boxes [B,P,4] x1y1x2y2 pixels of image_sizes (not clipped), "
+                           "scores [B,P,C] softmax (class 0 background): the NMS input; "
+                           "NMS outside the graph (m2det_jax.inference.onnx_export."
+                           "OnnxDetector runs postprocess.nms after onnxruntime)")
+        meta["onnx"] = {"opset": onnx_export.OPSET, "nodes": info["nodes"]}
+        written["serving"] = path
     elif serving != "none":
-        raise ValueError(f"serving={serving!r}: 'auto', 'jax', 'savedmodel' or 'none'")
+        raise ValueError(f"serving={serving!r}: 'auto', 'jax', 'savedmodel', 'onnx' or 'none'")
     if serving != "none":
         (out / "serving.json").write_text(json.dumps(meta, indent=1))
         written["serving_meta"] = os.fspath(out / "serving.json")

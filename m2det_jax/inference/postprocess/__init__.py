@@ -39,6 +39,11 @@ What they compute:
    than that, the threshold is the max_per_image-th largest score of the image and every
    class keeps its rows with score >= threshold (the original's rule).
 
+Two run-time choices beyond the original (`postprocess.agnostic`):
+`postprocess.class_agnostic` runs one NMS per image over every prior's best class instead
+of one per class (K = max_per_image, or keep_per_class when that is 0; rows in selection
+order), and `postprocess.classes` (ids) keeps the other classes out of the NMS entirely.
+
 Output layout (fixed K; padding rows have valid False, boxes 0, scores 0):
 * `max_per_image == 0`: K = (C-1) * keep_per_class and row (c-1) * keep_per_class + j is
   the j-th selection of class c (class-major blocks, selection order inside a block).
@@ -62,7 +67,8 @@ Modules, upstream first (each imports only the ones above it):
   untied     speed only: a soft-NMS loop that never moves entries (C-order only on ties);
   tasks      speed only: the per-class work for a subset of classes, packed sort key;
   layouts    speed only: the pre-filter and the cheaper exact layouts, one picked per
-             batch with `lax.switch`.
+             batch with `lax.switch`;
+  agnostic   class-agnostic NMS and the class filter.
 The fast path (the default) gives the plain implementation's output; run the plain one
 alone with `PostprocessSettings(..., fast=False)` (accepted wherever a config is).
 
@@ -95,7 +101,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from m2det_jax.inference.postprocess import layouts, plain, scoring
+from m2det_jax.inference.postprocess import agnostic, layouts, plain, scoring
 from m2det_jax.inference.postprocess.settings import PostprocessSettings, standard_postprocess
 
 __all__ = [
@@ -229,5 +235,12 @@ def _nms_impl(boxes, scores, image_sizes=None, *, s: PostprocessSettings):
 
 
 def _postprocess(scorer, s: PostprocessSettings) -> dict:
+    if s.classes:
+        if max(s.classes) >= scorer.num_classes:
+            raise ValueError(f"postprocess.classes={s.classes}: class ids are 1.."
+                             f"{scorer.num_classes - 1} for {scorer.num_classes} classes")
+        scorer = agnostic.ClassFilter(scorer, s.classes)
+    if s.class_agnostic:
+        return agnostic.class_rows(scorer, s)
     rows = (layouts.class_rows if s.fast else plain.class_rows)(scorer, s)
     return plain.finish(*rows, s)

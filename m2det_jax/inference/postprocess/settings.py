@@ -21,7 +21,9 @@ class PostprocessSettings:
 
     Algorithm (from the config, see `from_config`): `method`, `iou_threshold`, `sigma`,
     `score_threshold`, `min_score`, `keep_per_class`, `max_per_image`,
-    `candidates_per_class`, `pixel_offset`, `variance`.
+    `candidates_per_class`, `pixel_offset`, `variance`, and the run-time choices beyond
+    the original: `class_agnostic` (one NMS over all classes per image) and `classes`
+    (only these class ids 1..C-1 become candidates; empty: all); `postprocess.agnostic`.
 
     Speed only: `fast` (False runs the plain implementation alone, the specification in
     `postprocess.plain`), and the sizes of the cheaper layouts the fast path compiles
@@ -49,6 +51,8 @@ class PostprocessSettings:
     candidates_per_class: int = 1000
     pixel_offset: int = 1
     variance: tuple[float, float] = (0.1, 0.2)
+    class_agnostic: bool = False
+    classes: tuple[int, ...] = ()
     # Speed only (the same rows).
     fast: bool = True
     fast_priors: int = 256
@@ -75,6 +79,8 @@ class PostprocessSettings:
             raise ValueError(f"postprocess.pixel_offset={self.pixel_offset}: 0 or 1")
         if self.method == "soft_gaussian" and self.sigma <= 0:
             raise ValueError(f"postprocess.sigma={self.sigma}: must be > 0")
+        if any(int(k) < 1 for k in self.classes):
+            raise ValueError(f"postprocess.classes={self.classes}: class ids are 1..C-1")
         if len(self.variance) != 2:
             raise ValueError(f"anchors.variance={self.variance}: two values")
 
@@ -94,6 +100,8 @@ class PostprocessSettings:
             candidates_per_class=int(p.candidates_per_class),
             pixel_offset=int(p.pixel_offset),
             variance=tuple(float(v) for v in cfg.anchors.variance),
+            class_agnostic=bool(p.get("class_agnostic", False)),
+            classes=tuple(sorted({int(k) for k in p.get("classes", ())})),
         )
 
     @classmethod
