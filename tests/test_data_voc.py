@@ -12,7 +12,8 @@ import pytest
 from m2det_jax import data, load_config
 from m2det_jax.evaluation.coco import coco_evaluate, to_coco_results
 from m2det_jax.evaluation.driver import voc_metrics
-from m2det_jax.evaluation.voc import is_voc
+from m2det_jax.evaluation.stream import per_image
+from m2det_jax.evaluation.voc import is_voc, voc_ground_truth, write_voc_results
 from tests.helpers import (
     OVERRIDES,
     config_path,
@@ -146,6 +147,20 @@ def test_ground_truth_fed_back_scores_one_on_both_metrics(tmp_path, voc_root):
     preds["boxes"][0, 0] += 30.0
     assert voc_metrics(cfg, builder, "test", preds)["mAP"] < 1.0
     preds["boxes"][0, 0] -= 30.0
+    # The devkit's per-class files (`m2det eval --save_results` on VOC): file stems,
+    # 1-based corners, one line per detection, in its class's file.
+    gt = voc_ground_truth(builder, "test")
+    paths = write_voc_results(tmp_path / "voc_out", "test", per_image(preds), gt, CLASSES)
+    assert [os.path.basename(p) for p in paths] == [f"comp4_det_test_{c}.txt" for c in CLASSES]
+    lines = {c: open(p).read().splitlines() for c, p in zip(CLASSES, paths, strict=True)}
+    assert sum(map(len, lines.values())) == preds["valid"].sum()
+    by_name = {v["name"]: v for v in gt.values()}
+    for k, c in enumerate(CLASSES, start=1):
+        for line in lines[c]:
+            name, score, *box = line.split()
+            assert float(score) == 0.9 and len(name) == 6 and name.isdigit()
+            want = by_name[name]["boxes"][by_name[name]["labels"] == k] + 1
+            assert np.abs(want - np.array(box, float)).max(axis=1).min() < 0.06
     # COCO's metric on the same VOC set: difficult boxes are ignore regions.
     results = to_coco_results(preds["boxes"], preds["scores"], preds["classes"],
                               preds["valid"], preds["image_id"], data.category_ids(builder))  # fmt: skip

@@ -55,6 +55,15 @@ def test_ground_truth_as_detections_scores_ap_1(shapes):
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert m[name] == pytest.approx(1.0), name
     assert m["AP/circle"] in (pytest.approx(1.0), 0.0)  # 0 only if no circle in 8 images
+    # Only class 1's detections, scored on class 1 alone (`m2det eval --classes`): AP 1;
+    # over every class the missing ones count.
+    cats = data.category_ids(builder)
+    only = to_coco_results(boxes, scores, classes, valid & (classes == 1), ids, cats)
+    ann = data.annotation_file(builder, "validation")
+    one = coco_evaluate(ann, only, category_ids=[cats[0]])
+    assert one["AP"] == pytest.approx(1.0) and [k for k in one if k.startswith("AP/")] == [
+        f"AP/{data.class_names(builder)[0]}"]
+    assert coco_evaluate(ann, only)["AP"] < 0.5
     # A wrong category mapping is caught: shift every class by one.
     wrong = to_coco_results(boxes, scores, classes, valid, ids, [2, 3, 4, 1])
     assert coco_evaluate(data.annotation_file(builder, "validation"), wrong)["AP"] < 0.5
@@ -373,3 +382,13 @@ def test_results_file_and_a_split_without_labels(tmp_path):
                  str(ckpt), "--workdir", str(tmp_path / "ev"), "--save_results",
                  str(tmp_path / "cli.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "cli.json").read_text()) == rows
+    # Run-time NMS choices on eval: class-agnostic, at most 2 per image.
+    assert main(["eval", "--config", config_path("tiny"), *(f"--config.{o}" for o in overrides),
+                 f"--config.data.eval_annotation_file={root / 'train.json'}", "--checkpoint",
+                 str(ckpt), "--workdir", str(tmp_path / "ev2"), "--save_results",
+                 str(tmp_path / "two.json"), "--agnostic", "--max_det", "2",
+                 "--classes", "1"]) == 0  # fmt: skip
+    two = json.loads((tmp_path / "two.json").read_text())
+    per_image = [sum(r["image_id"] == i for r in two) for i in (1, 2, 3, 4)]
+    assert 0 < len(two) and max(per_image) <= 2 < max(sum(r["image_id"] == i for r in rows)
+                                                         for i in (1, 2, 3, 4))

@@ -187,6 +187,12 @@ def test_class_filter_and_max_det(setup, tmp_path):
     top = m2det_jax.Detector.from_checkpoint(ckpt, overrides=OVERRIDES, score_threshold=0.0,
                                              max_det=4)(im).to_json()  # fmt: skip
     assert top == every[:4]
+    agn = m2det_jax.Detector.from_checkpoint(ckpt, overrides=OVERRIDES, score_threshold=0.0,
+                                             agnostic=True)  # fmt: skip
+    assert agn.cfg.postprocess.class_agnostic and not det.cfg.postprocess.class_agnostic
+    one_each = agn(im).to_json()  # one NMS over all classes: fewer rows, one class per box
+    assert 0 < len(one_each) < len(every)
+    assert len({tuple(d["box"]) for d in one_each}) == len(one_each)
 
     src = tmp_path / "in"
     src.mkdir()
@@ -260,3 +266,31 @@ def test_detect_on_a_video_file(setup, tmp_path, name, fourcc):
     with pytest.raises(SystemExit, match="cannot open video source"):
         main([*args, "--input", str(tmp_path / "missing.mp4"), "--output",
               str(tmp_path / "x")])  # fmt: skip (the last --input counts)
+
+
+def test_a_broken_video_frame_is_skipped_and_counted(setup, tmp_path, capsys):
+    """A frame whose JPEG data is wiped inside an MJPG AVI: the frames before and after it
+    keep their indices, the broken one is skipped and counted, the video holds the rest."""
+    import cv2
+
+    from m2det_jax.cli import main
+
+    _, _, ckpt = setup
+    src = tmp_path / "broken.avi"
+    w = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(7):
+        w.write(np.full((48, 64, 3), 30 * i, np.uint8))
+    w.release()
+    data = bytearray(src.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    assert len(starts) == 7  # one JPEG per frame
+    data[starts[3]:starts[3] + 200] = bytes(200)  # frame 3: no JPEG data left
+    src.write_bytes(bytes(data))
+    args = ["detect", "--config", config_path("tiny"), *("--config." + o for o in OVERRIDES),
+            "--checkpoint", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "6 frames (1 skipped)" in capsys.readouterr().out
+    lines = (tmp_path / "out" / "detections.jsonl").read_text().splitlines()
+    assert [json.loads(x)["frame"] for x in lines] == [0, 1, 2, 4, 5, 6]
+    out = cv2.VideoCapture(str(tmp_path / "out" / "broken.mp4"))
+    assert int(out.get(cv2.CAP_PROP_FRAME_COUNT)) == 6

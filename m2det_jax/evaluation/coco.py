@@ -59,7 +59,8 @@ COCO_BACKENDS = ("faster_coco_eval", "pycocotools")
 
 def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict] | np.ndarray,
                   image_ids=None, verbose: bool = False,
-                  backend: str = "faster_coco_eval") -> dict[str, float]:  # fmt: skip
+                  backend: str = "faster_coco_eval",
+                  category_ids=None) -> dict[str, float]:  # fmt: skip
     """The 12 standard COCO box metrics plus `AP/<category name>` per class.
 
     `annotation_file`: a COCO-format instances JSON (local or a URI such as gs://), or its
@@ -69,7 +70,8 @@ def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict]
     `backend`: "faster_coco_eval" (C++; the same 12 numbers and per-class AP, several
     times faster: `tests/test_evaluation.py` compares them) or "pycocotools" (the reference).
     Images of `image_ids` (default: all in the annotations) with no detection count as
-    misses. No detections at all gives zeros, not an error.
+    misses. No detections at all gives zeros, not an error. `category_ids`: score only
+    these categories (COCOeval's `params.catIds`; `m2det eval --classes`), default all.
     """
     if backend not in COCO_BACKENDS:
         raise ValueError(f"eval.backend={backend!r}: expected one of {COCO_BACKENDS}")
@@ -93,13 +95,15 @@ def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict]
     ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     if empty:
         metrics = dict.fromkeys(METRIC_NAMES, 0.0)
-        for c in gt.loadCats(gt.getCatIds()):
+        for c in gt.loadCats(category_ids or gt.getCatIds()):
             metrics[f"AP/{c['name']}"] = 0.0
         return metrics
     with quiet:
         dt = gt.loadRes(results)
         ev = evaluator(gt, dt, "bbox")
         ev.params.imgIds = ids
+        if category_ids:
+            ev.params.catIds = sorted(int(c) for c in category_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -20,7 +20,7 @@ from m2det_jax import data
 from m2det_jax.distributed import guard_compilation_cache
 from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array
 from m2det_jax.evaluation.stream import per_image, stream_split
-from m2det_jax.evaluation.voc import is_voc, voc_evaluate, voc_ground_truth
+from m2det_jax.evaluation.voc import is_voc, voc_evaluate, voc_ground_truth, write_voc_results
 from m2det_jax.paths import as_path
 
 _log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
     AP per class, or VOC mAP and AP per class); written to `<workdir>/eval_metrics.json`
     when a workdir is given (process 0). `results_file`: every detection also written as a
     COCO results JSON (image_id, category_id, bbox [x, y, w, h], score; what COCO's
-    test-dev server takes). A split without any ground-truth box is predicted and its
+    test-dev server takes), and for the VOC metric also the devkit's per-class files in
+    `voc_results_folder(results_file)`. A split without any ground-truth box is predicted and its
     results written, not scored: the metrics are then {"scored": False, ...counts}."""
     guard_compilation_cache()
     builder = builder if builder is not None else data.open_builder(cfg)
@@ -93,11 +94,18 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
                        "num_detections": len(results)}  # fmt: skip
         elif voc:
             metrics = voc_metrics_of(cfg, builder, split, voc_dets)
+            if results_file:
+                folder = voc_results_folder(results_file)
+                write_voc_results(folder, split, voc_dets, voc_ground_truth(builder, split),
+                                  data.class_names(builder), offset)  # fmt: skip
+                _log.info("VOC per-class result files -> %s", folder)
         else:
             source = official or f"rebuilt from the {cfg.data.dataset} {split} records"
             _log.info("COCO ground truth: %s", source)
             backend = cfg.eval.backend
-            metrics = coco_evaluate(ann, results, image_ids=image_ids, backend=backend)
+            only = [int(cats[k - 1]) for k in cfg.postprocess.classes] or None
+            metrics = coco_evaluate(ann, results, image_ids=image_ids, backend=backend,
+                                    category_ids=only)  # fmt: skip
             metrics["num_images"] = int(len(image_ids))
             metrics["num_detections"] = len(results)
             metrics["ground_truth"] = source
@@ -105,6 +113,13 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
             out = as_path(workdir) / "eval_metrics.json"
             out.write_text(json.dumps({"step": step, **metrics}, indent=1))
     return metrics
+
+
+def voc_results_folder(results_file: str) -> str:
+    """Where `evaluate_variables` writes the VOC per-class files beside `results_file`:
+    "<results_file without .json>_voc"."""
+    path = str(results_file)
+    return (path[:-5] if path.endswith(".json") else path) + "_voc"
 
 
 def voc_metrics(cfg, builder, split: str, preds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -116,8 +131,13 @@ def voc_metrics_of(cfg, builder, split: str, dets: dict[int, dict]) -> dict[str,
     """VOC mAP of per-image detections ({image id: {"boxes", "scores", "labels"}})."""
     gt = voc_ground_truth(builder, split)
     gt = {k: v for k, v in gt.items() if k in dets}  # the images that were evaluated
-    m = voc_evaluate(gt, dets, data.class_names(builder),
-                     use_07_metric=bool(cfg.data.voc_use_07_metric))  # fmt: skip
+    names = data.class_names(builder)
+    m = voc_evaluate(gt, dets, names, use_07_metric=bool(cfg.data.voc_use_07_metric))
+    if cfg.postprocess.classes:  # --classes: the mean over those classes only
+        keep = {f"AP/{names[k - 1]}" for k in cfg.postprocess.classes}
+        m = {k: v for k, v in m.items() if not k.startswith("AP/") or k in keep}
+        aps = [m[k] for k in keep if m[k] >= 0]  # -1: a class without boxes
+        m["mAP"] = float(np.mean(aps)) if aps else -1.0
     m["num_images"] = int(m["num_images"])
     m["num_detections"] = int(m["num_detections"])
     return m

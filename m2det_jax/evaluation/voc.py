@@ -220,7 +220,38 @@ def _build(source) -> dict[int, dict]:
         n = len(boxes)
         labels = np.asarray(obj.get("label", np.zeros(0)), np.int64).reshape(-1)[:n] + 1
         hard = np.asarray(obj.get("is_difficult", np.zeros(n, bool)), bool).reshape(-1)[:n]
-        out[records.image_id(rec)] = {"boxes": boxes, "labels": labels, "difficult": hard}
+        name = rec.get("image/filename", b"")
+        name = np.asarray(name).item() if isinstance(name, np.ndarray) else name
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        stem = name.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        out[records.image_id(rec)] = {"boxes": boxes, "labels": labels, "difficult": hard,
+                                      "name": stem}  # fmt: skip
     return out
+
+
+def write_voc_results(directory, split: str, dets: dict[int, dict], gt: dict[int, dict],
+                      class_names, pixel_offset: int = 1) -> list[str]:  # fmt: skip
+    """The VOC devkit's per-class result files, `comp4_det_<split>_<class>.txt`: one line
+    per detection, "<image> <score> <x1> <y1> <x2> <y2>", the image as its file stem
+    (e.g. 000005) and 1-based pixel corners (the devkit's convention: our 0-based boxes
+    + 1 with the original's +1-pixel convention, `pixel_offset` 1). Returns the paths."""
+    from m2det_jax.paths import as_path
+
+    out = as_path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: dict[int, list[str]] = {c: [] for c in range(1, len(class_names) + 1)}
+    for image_id in sorted(dets):
+        d = dets[image_id]
+        name = gt.get(image_id, {}).get("name") or str(image_id)
+        for box, score, label in zip(d["boxes"], d["scores"], d["labels"], strict=True):
+            x1, y1, x2, y2 = (float(v) + pixel_offset for v in box)
+            lines[int(label)].append(f"{name} {float(score):.3f} {x1:.1f} {y1:.1f} {x2:.1f} "
+                                     f"{y2:.1f}")  # fmt: skip
+    paths = []
+    for c, name in enumerate(class_names, start=1):
+        path = out / f"comp4_det_{split}_{name}.txt"
+        path.write_text("".join(f"{line}\n" for line in lines[c]))
+        paths.append(str(path))
+    return paths
 
 
