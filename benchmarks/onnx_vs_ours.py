@@ -55,7 +55,65 @@ def original_onnx(cfg, clone: str, path: str) -> None:
                           dynamo=False)  # fmt: skip
 
 
-def measure(name: str, overrides, rounds: int, clone: str | None, tmp: str) -> dict:
+def profile_ours(fn, calls: int = 3) -> dict[str, float]:
+    """Share of XLA:CPU's thread time per kernel kind (a fusion's name without its number,
+    e.g. ynn_fusion = YNNPACK convolutions) over `calls` calls of `fn`."""
+    import glob
+    import re
+
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(calls):
+            fn()
+        jax.profiler.stop_trace()
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+    agg: dict[str, float] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # XLA's worker threads
+                continue
+            for ev in line.events:
+                if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    continue
+                kind = re.sub(r"[.\d]+$", "", ev.name)
+                agg[kind] = agg.get(kind, 0.0) + ev.duration_ns
+    total = sum(agg.values()) or 1.0
+    return {k: v / total for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}
+
+
+def profile_ort(sess_path: str, feed: dict, calls: int = 3) -> dict[str, float]:
+    """Share of onnxruntime's node time per operator type over `calls` runs."""
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as d:
+        opts.profile_file_prefix = os.path.join(d, "ort")
+        sess = ort.InferenceSession(sess_path, opts, providers=["CPUExecutionProvider"])
+        sess.run(None, feed)
+        for _ in range(calls):
+            sess.run(None, feed)
+        events = json.load(open(sess.end_profiling()))
+    agg: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            agg[op] = agg.get(op, 0.0) + ev["dur"]
+    total = sum(agg.values()) or 1.0
+    return {k: v / total for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}
+
+
+def _shares(prof: dict[str, float], top: int = 6) -> str:
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(prof.items())[:top])
+
+
+def measure(name: str, overrides, rounds: int, clone: str | None, tmp: str,
+            profile: bool = False) -> dict:  # fmt: skip
     cfg = load_config(name, overrides)
     s = int(cfg.model.input_size)
     model = build_model(cfg)
@@ -97,6 +155,11 @@ def measure(name: str, overrides, rounds: int, clone: str | None, tmp: str) -> d
             fn()
             times[k].append(time.perf_counter() - t)
     out = {k: float(np.median(v)) for k, v in times.items()}
+    if profile:
+        out["profile"] = {"ours": profile_ours(runs["ours"]),
+                          "ort(ours)": profile_ort(ours_onnx, {"x": x})}  # fmt: skip
+        if clone:
+            out["profile"]["ort(original)"] = profile_ort(orig, {"x": xt})
     return {"config": name, **out, "export_s": export_s, "logits_rel_diff": diff}
 
 
@@ -107,6 +170,8 @@ def main():
     ap.add_argument("--original", default=None, metavar="PATH",
                     help="a clone of github.com/qijiezhao/M2Det: also time onnxruntime on "
                          "the original network (torch.onnx.export)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where each runtime spends its time (kernel kinds)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. eval.winograd=off")
     args = ap.parse_args()
@@ -120,14 +185,19 @@ def main():
     head += " | ours / ort(original)" if args.original else ""
     print(head + " | ours / ort(ours) | ort(ours) logits rel. diff |")
     print("|---" * (len(cols) + 3 + bool(args.original)) + "|")
+    profiles = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
-            r = measure(name, args.set, args.rounds, args.original, tmp)
+            r = measure(name, args.set, args.rounds, args.original, tmp, args.profile)
             row = f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
             if args.original:
                 row += f" | {r['ours'] / r['ort(original)']:.2f}"
             print(f"{row} | {r['ours'] / r['ort(ours)']:.2f} | {r['logits_rel_diff']:.1e} |",
                   flush=True)
+            profiles.append((name, r.get("profile", {})))
+    for name, prof in profiles:  # thread time shares per kernel kind
+        for who, shares in prof.items():
+            print(f"{name} {who}: {_shares(shares)}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ KIT_PACKAGES = (
     "ml-collections", "grain", "array-record", "dm-tree", "tensorflow-datasets",
     "tensorflow-metadata", "googleapis-common-protos", "simple-parsing", "docstring-parser",
     "promise", "immutabledict", "termcolor", "toml", "pycocotools", "faster-coco-eval",
-    "tensorboardx", "importlib-resources", "portpicker", "simplejpeg",
+    "tensorboardx", "importlib-resources", "portpicker", "simplejpeg", "tzdata",
 )  # fmt: skip
 
 

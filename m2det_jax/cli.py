@@ -23,6 +23,7 @@ from m2det_jax.evaluation.driver import evaluate_variables
 from m2det_jax.inference.api import Detector
 from m2det_jax.inference.export import export
 from m2det_jax.inference.image_files import class_ids, detect_files
+from m2det_jax.inference.options import nms_flags, nms_overrides, use_best
 from m2det_jax.inference.video import detect_video, is_video_source
 from m2det_jax.paths import as_path, as_str, join
 from m2det_jax.perf import runtime
@@ -228,40 +229,6 @@ def _distributed_flags(sp) -> None:
     sp.add_argument("--process_id", type=int, default=None)
 
 
-def _nms_flags(sp) -> None:
-    """--classes, --max_det, --agnostic: run-time NMS choices (config postprocess.*)."""
-    sp.add_argument("--classes", default=None,
-                    help="detect only these classes: names or ids, comma-separated (the "
-                         "others never enter the NMS; postprocess.classes)")
-    sp.add_argument("--max_det", type=int, default=0,
-                    help="at most this many detections per image, highest scores "
-                         "(postprocess.max_per_image; 0: the config's)")
-    sp.add_argument("--agnostic", action="store_true",
-                    help="class-agnostic NMS: one NMS over all classes per image "
-                         "(postprocess.class_agnostic)")
-
-
-def _nms_overrides(args) -> list[str]:
-    """eval / export: --classes, --max_det, --agnostic as config overrides."""
-    if getattr(args, "fn", None) not in (cmd_eval, cmd_export):
-        return []
-    out = []
-    if args.classes:
-        names = (read_labels(args.checkpoint) or {}).get("class_names")
-        try:
-            ids = class_ids(args.classes, names)
-        except ValueError as e:
-            raise SystemExit(f"error: --classes: {e}") from None
-        out.append(f"postprocess.classes={tuple(sorted(ids))}")
-    if args.max_det < 0:
-        raise SystemExit(f"error: --max_det={args.max_det}: must be >= 0")
-    if args.max_det:
-        out.append(f"postprocess.max_per_image={args.max_det}")
-    if args.agnostic:
-        out.append("postprocess.class_agnostic=True")
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="m2det", description="M2Det in JAX/Flax. Config overrides: --config.a.b=value"
@@ -304,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save_results", default=None,
                     help="also write every detection as a COCO results JSON here (a split "
                          "without labels is then predicted and written, not scored)")
-    _nms_flags(sp)
+    nms_flags(sp)
     _distributed_flags(sp)
     sp = add("detect", "images / a folder / a glob -> images with boxes + detections.json",
              cmd_detect)  # fmt: skip
@@ -319,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--class_names", default=None,
                     help="comma-separated names of classes 1..C-1 (default 'class k')")
     sp.add_argument("--batch", type=int, default=1, help="images per forward pass")
-    _nms_flags(sp)
+    nms_flags(sp)
     sp.add_argument("--exif", action="store_true",
                     help="turn images as their EXIF orientation says (phone photos)")
     sp.add_argument("--max_frames", type=int, default=0, help="video: stop after N frames")
@@ -344,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch (needs the savedmodel extra), onnx (network + decode, fixed "
                          "batch, NMS outside; needs the onnx extra), auto (SavedModel when "
                          "importable, else jax.export) or none")
-    _nms_flags(sp)
+    nms_flags(sp)
     sp = add("benchmark", "speed as the paper measures it (batch 1, net + NMS) + throughput",
              cmd_benchmark)  # fmt: skip
     sp.add_argument("--checkpoint", default=None, help="variables (default: random weights)")
@@ -394,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         if not runtime.use_cpu_conv_flags():  # before any JAX computation
             print("warning: --xla_cpu_conv_flags: this jaxlib does not know the flag; "
                   "ignored", file=sys.stderr)  # fmt: skip
-    cfg = _load(args, overrides + _nms_overrides(args))
+    use_best(args)
+    extra = nms_overrides(args) if args.fn in (cmd_eval, cmd_export) else []
+    cfg = _load(args, overrides + extra)
     return int(args.fn(args, cfg) or 0)
 
 

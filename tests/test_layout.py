@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "m2det_jax")
 MAX_LINES = 400
 # Imports allowed inside functions: optional heavy dependencies, imported only where used.
-LAZY_OK = ("torch", "tensorflow", "orbax.export")
+LAZY_OK = ("torch", "tensorflow", "orbax.export", "onnx")
 # The stages, upstream first: a module imports only from its own stage or one above it.
 LAYERS = (
     ("errors", "paths", "_compat", "reference"),  # no project imports

@@ -54,7 +54,7 @@ OUTPUT_FIELDS = (
 )  # fmt: skip
 
 
-TRAINING_FIELDS = ("loss.overlap_thresh", "loss.neg_pos")
+TRAINING_FIELDS = ("loss.overlap_thresh", "loss.neg_pos", "train.ema_decay")
 
 
 def config_fingerprint(cfg) -> dict[str, Any]:

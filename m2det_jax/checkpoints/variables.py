@@ -112,7 +112,8 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None,
 
     Args:
       directory: the checkpoint directory (`m2det convert` output, an `m2det export`
-        folder or a training workdir).
+        folder or a training workdir: its newest good step, the EMA weights when the run
+        keeps them, `train.ema_decay`).
       cfg: the config the caller will build the model from.
       allow_config_mismatch: load even if OUTPUT_FIELDS differ from the checkpoint's.
       sharding: optional `jax.sharding.Sharding` for every leaf (default: this process's
@@ -137,6 +138,9 @@ def load_variables(directory: str | os.PathLike, cfg, sharding=None,
                 except Exception as e:  # noqa: BLE001 - damaged: fall back, as resuming does
                     warn_unrestorable(as_path(train_dir) / str(step), e)
                     continue
+                if state.get("ema"):  # train.ema_decay > 0: the averaged weights
+                    return {"params": state["ema"]["params"],
+                            "batch_stats": state["ema"]["batch_stats"]}
                 return {"params": state["params"], "batch_stats": state["batch_stats"]}
         raise FileNotFoundError(f"no checkpoint in {train_dir} restores")
     abstract = abstract_variables(cfg)

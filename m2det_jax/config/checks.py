@@ -79,6 +79,18 @@ def validate(cfg) -> None:
                          ("train.steps_per_epoch", t.steps_per_epoch)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{field}={value!r}: an integer >= 0 (0: from the data)")
+    ema = t.ema_decay
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+        raise ValueError(f"train.ema_decay={ema!r}: a decay in [0, 1) (0: no EMA)")
+    patience = t.early_stop_patience
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ValueError(f"train.early_stop_patience={patience!r}: an integer >= 0 (0: never)")
+    if patience and not t.best_metric:
+        raise ValueError(f"train.early_stop_patience={patience} needs train.best_metric "
+                         "(the metric that must improve, e.g. AP or mAP)")
+    if patience and t.eval_every <= 0:
+        raise ValueError(f"train.early_stop_patience={patience} needs periodic evaluations: "
+                         f"train.eval_every={t.eval_every} (set it > 0)")
     backend = cfg.eval.backend
     cap = cfg.eval.max_detections
     if not isinstance(cap, int) or cap < 0:

@@ -116,6 +116,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000  # steps between (async) checkpoints
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # steps between evaluations (0: only at the end, < 0: never)
+    # Exponential moving average of the weights (params and BatchNorm statistics), used by
+    # evaluation, detect and export when on: 0 = off; e.g. 0.999. The decay ramps up as
+    # min(ema_decay, (1 + n) / (10 + n)) over the first updates n. `train.ema`.
+    c.train.ema_decay = 0.0
+    # Keep the best evaluated weights in <workdir>/best (an `m2det eval/detect/export
+    # --best` checkpoint): a metric name such as "AP", "AP50" or "mAP"; "" = off.
+    c.train.best_metric = ""
+    # Stop after this many evaluations in a row without a better best_metric (0: never).
+    c.train.early_stop_patience = 0
     # Resume even if anchors, input size, preprocessing or loss settings differ from the
     # checkpoint's (refused by default: checkpoints.OUTPUT_FIELDS, TRAINING_FIELDS).
     c.train.allow_config_mismatch = False

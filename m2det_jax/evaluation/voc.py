@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from m2det_jax.core import box_ops
 from m2det_jax.data import records, schema
+from m2det_jax.paths import as_path
 
 # (data_dir, builder name, split) -> ground truth: read once per process.
 _CACHE: dict[tuple[str, str, str], dict] = {}
@@ -235,8 +236,6 @@ def write_voc_results(directory, split: str, dets: dict[int, dict], gt: dict[int
     per detection, "<image> <score> <x1> <y1> <x2> <y2>", the image as its file stem
     (e.g. 000005) and 1-based pixel corners (the devkit's convention: our 0-based boxes
     + 1 with the original's +1-pixel convention, `pixel_offset` 1). Returns the paths."""
-    from m2det_jax.paths import as_path
-
     out = as_path(directory)
     out.mkdir(parents=True, exist_ok=True)
     lines: dict[int, list[str]] = {c: [] for c in range(1, len(class_names) + 1)}

@@ -48,6 +48,7 @@ from jax._src.lib import _jax
 from jax._src.lib.mlir.dialects import hlo
 
 from m2det_jax.checkpoints.variables import save_variables
+from m2det_jax.inference import onnx_export
 from m2det_jax.inference.predict import make_predict_fn
 from m2det_jax.inference.variables import prepare_variables
 from m2det_jax.paths import as_path
@@ -269,8 +270,6 @@ def export(
         meta["batch"] = str(batch)
         written["serving"] = path
     elif serving == "onnx":
-        from m2det_jax.inference import onnx_export
-
         try:
             import onnx  # noqa: F401
         except ImportError:

@@ -30,9 +30,10 @@ from m2det_jax.checkpoints.variables import load_init_variables
 from m2det_jax.core.priors import prior_boxes
 from m2det_jax.data.device_feed import DevicePrefetch
 from m2det_jax.errors import NonFiniteLossError
-from m2det_jax.evaluation.driver import evaluate_variables
+from m2det_jax.evaluation.driver import evaluate_variables, metric_of
 from m2det_jax.models import build_model
 from m2det_jax.paths import as_path
+from m2det_jax.train.best import BestTracker, check_metric_name
 from m2det_jax.train.curves import plot_curves
 from m2det_jax.train.data_state import (
     checkpoint_data_state,
@@ -64,7 +65,7 @@ def _stop_if_nonfinite(bad_step: int, ckpts: TrainCheckpoints) -> None:
 
 
 def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -> dict:
-    metrics = evaluate_fn(cfg, state.variables, step)
+    metrics = evaluate_fn(cfg, state.eval_variables, step)
     if metrics and jax.process_index() == 0:
         log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   prefix="eval")  # fmt: skip
@@ -109,7 +110,8 @@ def train_and_evaluate(
       progress: show a progress bar on process 0.
 
     Returns:
-      {"step", "final_metrics", "eval_metrics", "preempted", "state"}.
+      {"step", "final_metrics", "eval_metrics", "preempted", "state", "early_stopped",
+      "best" ((step, value) of train.best_metric, or None)}.
     """
     shd.guard_compilation_cache()
     with Preemption() as preemption:  # from the start: SIGTERM during compile counts too
@@ -130,6 +132,10 @@ def train_and_evaluate(
                 eval_every = -1
                 if is_main:
                     _log.info(f"no evaluation: {missing}")
+            check_metric_name(cfg.train.best_metric, metric_of(cfg, builder))
+        if cfg.train.best_metric and eval_every < 0:
+            raise ValueError(f"train.best_metric={cfg.train.best_metric!r} needs evaluations "
+                             f"(train.eval_every={eval_every}, or no eval split)")
 
         # Mesh and data.
         mesh = shd.make_mesh()
@@ -193,6 +199,23 @@ def train_and_evaluate(
             _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
             ckpts.save(step, state, checkpoint_data_state(batches, data_iter), meta)
 
+        # Best weights and early stopping (train.best_metric / early_stop_patience).
+        tracker = None
+        if cfg.train.best_metric:
+            tracker = BestTracker(workdir, cfg.train.best_metric, cfg.train.early_stop_patience,
+                                  int(jax.device_get(state.step)), cfg, labels)  # fmt: skip
+        early_stopped = tracker is not None and tracker.should_stop  # rerun of a stopped run
+        if early_stopped and is_main:
+            _log.info("early stopping: already stopped at step %d (%d evaluations without a "
+                      "better %s)", tracker.history[-1][0], tracker.since_best,
+                      cfg.train.best_metric)  # fmt: skip
+
+        def evaluate_now(step: int) -> dict:
+            m = _evaluate(evaluate_fn, cfg, state, step, log)
+            if tracker is not None:
+                tracker.update(step, m, state.eval_variables)
+            return m
+
         # The loop.
         log = MetricsLog(workdir, is_main)
         profiler = StepProfiler(workdir, cfg.train.profile_steps)
@@ -206,7 +229,7 @@ def train_and_evaluate(
         preempted = False
         compiled, meter = None, None
         try:
-            while step < n_steps:
+            while step < n_steps and not early_stopped:
                 if preemption.reached(step):  # the same step on every process
                     preempted = True
                     break
@@ -246,8 +269,15 @@ def train_and_evaluate(
                     save(step)
                 if eval_every > 0 and step % eval_every == 0 and step < n_steps:
                     _stop_if_nonfinite(int(jax.device_get(state.nonfinite_step)), ckpts)
-                    eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+                    eval_metrics = evaluate_now(step)
                     meter.restart()  # the evaluation is not training throughput
+                    if tracker is not None and tracker.should_stop:
+                        early_stopped = True
+                        if is_main:
+                            _log.info("early stopping at step %d: %d evaluations without a "
+                                      "better %s (best %.4f at step %d)", step,
+                                      tracker.since_best, cfg.train.best_metric,
+                                      tracker.best[1], tracker.best[0])  # fmt: skip
         except BaseException:  # stop the reader thread and the async saves, then raise
             profiler.close()
             batches.close()
@@ -266,8 +296,8 @@ def train_and_evaluate(
         if ckpts.latest_step() != step:
             save(step)
         ckpts.close()
-        if not preempted and eval_every >= 0:
-            eval_metrics = _evaluate(evaluate_fn, cfg, state, step, log)
+        if not preempted and eval_every >= 0 and not early_stopped:
+            eval_metrics = evaluate_now(step)
         log.close()
         if is_main and not preempted:
             try:  # a picture of the run; never a reason for the run to fail
@@ -278,4 +308,5 @@ def train_and_evaluate(
             _log.info(f"SIGTERM: saved step {step} to {ckpts.directory}; rerun the same command "
                   "to resume")  # fmt: skip
         return {"step": step, "final_metrics": last_metrics, "eval_metrics": eval_metrics,
-                "preempted": preempted, "state": state}  # fmt: skip
+                "preempted": preempted, "state": state, "early_stopped": early_stopped,
+                "best": tracker.best if tracker is not None else None}  # fmt: skip

@@ -35,6 +35,7 @@ class TrainState:
     opt_state: Any
     nonfinite_step: jax.Array = None  # int32: first step with a NaN/inf loss or gradient, -1
     skipped_steps: jax.Array = None  # int32: updates skipped (train.skip_nonfinite_steps)
+    ema: Any = None  # {"params", "batch_stats"} averaged (train.ema_decay > 0), else None
 
     @classmethod
     def create(cls, model, tx, cfg, rng, init_variables=None) -> TrainState:
@@ -44,14 +45,23 @@ class TrainState:
         if init_variables is not None:
             variables = merge_variables(variables, init_variables)
         params = variables["params"]
-        return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   batch_stats=variables.get("batch_stats", {}),
+        batch_stats = variables.get("batch_stats", {})
+        ema = None
+        if cfg.train.ema_decay > 0:  # starts at the initial weights
+            ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+        return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                    opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32),
-                   skipped_steps=jnp.zeros((), jnp.int32))  # fmt: skip
+                   skipped_steps=jnp.zeros((), jnp.int32), ema=ema)  # fmt: skip
 
     @property
     def variables(self) -> dict[str, Any]:
+        """The trained weights (what the next step starts from)."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def eval_variables(self) -> dict[str, Any]:
+        """What evaluation, detect and export use: the EMA weights when on, else `variables`."""
+        return self.ema if self.ema is not None else self.variables
 
 
 def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
@@ -115,6 +125,9 @@ def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
                    "lr": schedule(state.step), "grad_norm": grad_norm}  # fmt: skip
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                                   opt_state=opt_state)  # fmt: skip
+        if state.ema is not None:
+            new_state = new_state.replace(ema=ema_update(state.ema, new_state.variables,
+                                                         state.step, cfg.train.ema_decay))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip:  # the step counts, its update does not
             kept = state.replace(step=state.step + 1, skipped_steps=state.skipped_steps + 1)
@@ -129,6 +142,15 @@ def make_train_step(model, tx, schedule: Callable, cfg, priors: np.ndarray):
         return new_state, metrics
 
     return step_fn
+
+
+def ema_update(ema, variables, updates: jax.Array, decay: float):
+    """One EMA update: ema * d + variables * (1 - d), d = min(decay, (1 + n) / (10 + n))
+    after n earlier updates (the usual warm-up, so early weights fade fast)."""
+    n = updates.astype(jnp.float32)
+    d = jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+    return jax.tree.map(lambda e, x: (e * d + x.astype(e.dtype) * (1.0 - d)).astype(e.dtype),
+                        ema, variables)  # fmt: skip
 
 
 def total_steps(cfg, steps_per_epoch: int) -> int:
