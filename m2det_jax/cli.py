@@ -136,7 +136,8 @@ def cmd_eval(args, cfg) -> int:
     as_path(args.workdir).mkdir(parents=True, exist_ok=True)
     try:
         m = evaluate_variables(cfg, variables, workdir=args.workdir,
-                               results_file=args.save_results)  # fmt: skip
+                               results_file=args.save_results,
+                               plots_dir=join(args.workdir, "plots") if args.plots else None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save_results", default=None,
                     help="also write every detection as a COCO results JSON here (a split "
                          "without labels is then predicted and written, not scored)")
+    sp.add_argument("--plots", action="store_true",
+                    help="write PR curves, a confusion matrix, a per-class table and the "
+                         "worst images to WORKDIR/plots (COCO metric)")
     nms_flags(sp)
     _distributed_flags(sp)
     sp = add("detect", "images / a folder / a glob -> images with boxes + detections.json",

@@ -142,6 +142,7 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
     em = json.loads((wd / "eval_metrics.json").read_text())
     assert em["num_images"] == 8 and em["step"] == 3  # 8 images, padded batches of 3
     assert (wd / "curves.png").stat().st_size > 10_000  # drawn at the end of training
+    assert (wd / "plots" / "pr_curves.png").stat().st_size > 10_000  # the final evaluation
     assert os.path.isfile(wd / "config.json") and os.path.isfile(wd / "command.txt")
     # `m2det eval` on the training workdir reproduces the same numbers.
     cfg_args = ["--config.model.num_classes=5", "--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",
@@ -387,7 +388,9 @@ def test_results_file_and_a_split_without_labels(tmp_path):
                  f"--config.data.eval_annotation_file={root / 'train.json'}", "--checkpoint",
                  str(ckpt), "--workdir", str(tmp_path / "ev2"), "--save_results",
                  str(tmp_path / "two.json"), "--agnostic", "--max_det", "2",
-                 "--classes", "1"]) == 0  # fmt: skip
+                 "--classes", "1", "--plots"]) == 0  # fmt: skip
+    for name in ("pr_curves.png", "confusion_matrix.png", "per_class.md", "worst_images.png"):
+        assert (tmp_path / "ev2" / "plots" / name).stat().st_size > 0
     two = json.loads((tmp_path / "two.json").read_text())
     per_image = [sum(r["image_id"] == i for r in two) for i in (1, 2, 3, 4)]
     assert 0 < len(two) and max(per_image) <= 2 < max(sum(r["image_id"] == i for r in rows)

@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.tta.flip = False
 
     c.eval = ml_collections.ConfigDict()
+    # Training's final evaluation also writes WORKDIR/plots (PR curves, confusion matrix,
+    # per-class table, worst images; COCO metric): `evaluation.pictures`.
+    c.eval.plots = True
     # COCO metric backend: "faster_coco_eval" (same numbers, several times faster) or
     # "pycocotools" (the reference).
     c.eval.backend = "faster_coco_eval"

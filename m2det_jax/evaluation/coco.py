@@ -59,8 +59,8 @@ COCO_BACKENDS = ("faster_coco_eval", "pycocotools")
 
 def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict] | np.ndarray,
                   image_ids=None, verbose: bool = False,
-                  backend: str = "faster_coco_eval",
-                  category_ids=None) -> dict[str, float]:  # fmt: skip
+                  backend: str = "faster_coco_eval", category_ids=None,
+                  keep: dict | None = None) -> dict[str, float]:  # fmt: skip
     """The 12 standard COCO box metrics plus `AP/<category name>` per class.
 
     `annotation_file`: a COCO-format instances JSON (local or a URI such as gs://), or its
@@ -72,6 +72,9 @@ def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict]
     Images of `image_ids` (default: all in the annotations) with no detection count as
     misses. No detections at all gives zeros, not an error. `category_ids`: score only
     these categories (COCOeval's `params.catIds`; `m2det eval --classes`), default all.
+    `keep`: a dict that receives the evaluator's accumulated arrays ("precision" [T, R, K,
+    A, M], "recall" [T, K, A, M], "iou_thresholds", "recall_thresholds", "category_ids"),
+    what `evaluation.pictures` draws.
     """
     if backend not in COCO_BACKENDS:
         raise ValueError(f"eval.backend={backend!r}: expected one of {COCO_BACKENDS}")
@@ -108,6 +111,12 @@ def coco_evaluate(annotation_file: str | os.PathLike | dict, results: list[dict]
         ev.accumulate()
         ev.summarize()
     metrics = {n: float(v) for n, v in zip(METRIC_NAMES, ev.stats[:12], strict=True)}
+    if keep is not None:
+        keep.update(precision=np.asarray(ev.eval["precision"]),
+                    recall=np.asarray(ev.eval["recall"]),
+                    iou_thresholds=np.asarray(ev.params.iouThrs),
+                    recall_thresholds=np.asarray(ev.params.recThrs),
+                    category_ids=[int(c) for c in ev.params.catIds])  # fmt: skip
     precision = ev.eval["precision"]  # [T, R, K, A, M]
     for k, cat_id in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 
 from m2det_jax import data
+from m2det_jax.data import records
 from m2det_jax.distributed import guard_compilation_cache
 from m2det_jax.evaluation.coco import coco_evaluate, coco_results_array
+from m2det_jax.evaluation.pictures import write_pictures
 from m2det_jax.evaluation.stream import per_image, stream_split
 from m2det_jax.evaluation.voc import is_voc, voc_evaluate, voc_ground_truth, write_voc_results
 from m2det_jax.paths import as_path
@@ -52,15 +54,16 @@ def _rows_to_json(rows: np.ndarray) -> list[dict]:
 
 
 def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
-                       workdir: str | None = None,
-                       results_file: str | None = None) -> dict[str, Any]:  # fmt: skip
+                       workdir: str | None = None, results_file: str | None = None,
+                       plots_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Metrics of `variables` on cfg.data.eval_split (`metric_of`: COCO's 12 numbers and
     AP per class, or VOC mAP and AP per class); written to `<workdir>/eval_metrics.json`
     when a workdir is given (process 0). `results_file`: every detection also written as a
     COCO results JSON (image_id, category_id, bbox [x, y, w, h], score; what COCO's
     test-dev server takes), and for the VOC metric also the devkit's per-class files in
     `voc_results_folder(results_file)`. A split without any ground-truth box is predicted and its
-    results written, not scored: the metrics are then {"scored": False, ...counts}."""
+    results written, not scored: the metrics are then {"scored": False, ...counts}.
+    `plots_dir`: the pictures of `evaluation.pictures` (COCO metric) written there."""
     guard_compilation_cache()
     builder = builder if builder is not None else data.open_builder(cfg)
     split = cfg.data.eval_split
@@ -74,7 +77,7 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
         image_ids.append(b["image_id"])
         if voc:
             voc_dets.update(per_image(b))
-        if not voc or results_file:  # only the valid rows, as [n, 7]: memory follows them
+        if not voc or results_file or plots_dir:  # the valid rows, as [n, 7]
             rows.append(coco_results_array(b["boxes"], b["scores"], b["classes"], b["valid"],
                                            b["image_id"], cats, offset))  # fmt: skip
     metrics: dict[str, Any] = {}
@@ -94,6 +97,8 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
                        "num_detections": len(results)}  # fmt: skip
         elif voc:
             metrics = voc_metrics_of(cfg, builder, split, voc_dets)
+            if plots_dir:
+                _log.warning("evaluation pictures are drawn for the COCO metric only")
             if results_file:
                 folder = voc_results_folder(results_file)
                 write_voc_results(folder, split, voc_dets, voc_ground_truth(builder, split),
@@ -104,8 +109,15 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
             _log.info("COCO ground truth: %s", source)
             backend = cfg.eval.backend
             only = [int(cats[k - 1]) for k in cfg.postprocess.classes] or None
+            keep: dict = {}
             metrics = coco_evaluate(ann, results, image_ids=image_ids, backend=backend,
-                                    category_ids=only)  # fmt: skip
+                                    category_ids=only, keep=keep)  # fmt: skip
+            if plots_dir and keep:
+                gt = ann if isinstance(ann, dict) else json.loads(as_path(ann).read_text())
+                written = write_pictures(plots_dir, gt, results, image_ids, keep,
+                                         image_reader(builder, split))  # fmt: skip
+                metrics["plots"] = sorted(written.values())
+                _log.info("evaluation pictures: %s", plots_dir)
             metrics["num_images"] = int(len(image_ids))
             metrics["num_detections"] = len(results)
             metrics["ground_truth"] = source
@@ -113,6 +125,21 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
             out = as_path(workdir) / "eval_metrics.json"
             out.write_text(json.dumps({"step": step, **metrics}, indent=1))
     return metrics
+
+
+def image_reader(builder, split: str):
+    """image_id -> uint8 RGB pixels of `split` (or None), indexed on first use."""
+    source = data.data_source(builder, split)
+    index: dict[int, int] = {}
+
+    def read(image_id: int):
+        if not index:
+            for i in range(len(source)):
+                index[records.image_id(source[i])] = i
+        i = index.get(int(image_id))
+        return None if i is None else records.decode_image(source[i]["image"])
+
+    return read
 
 
 def voc_results_folder(results_file: str) -> str:

@@ -69,6 +69,8 @@ def _evaluate(evaluate_fn, cfg, state: TrainState, step: int, log: MetricsLog) -
     if metrics and jax.process_index() == 0:
         log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                   prefix="eval")  # fmt: skip
+        if metrics.get("plots"):
+            _log.info("evaluation pictures: %s", ", ".join(metrics["plots"]))
         main = {k: round(metrics[k], 4) for k in ("mAP", "AP", "AP50", "AP75") if k in metrics}
         _log.info(f"eval at step {step}: {main}")
     return metrics
@@ -125,8 +127,12 @@ def train_and_evaluate(
         builder = None  # the dataset, opened (digests checked, prepared) once for all uses
         if train_iterator_fn is None or (evaluate_fn is None and eval_every >= 0):
             builder = data.open_builder(cfg)
+        final_evaluate_fn = evaluate_fn
         if evaluate_fn is None:
             evaluate_fn = functools.partial(evaluate_variables, workdir=workdir, builder=builder)
+            final_evaluate_fn = functools.partial(
+                evaluate_variables, workdir=workdir, builder=builder,
+                plots_dir=workdir / "plots" if cfg.eval.plots else None)
             missing = None if eval_every < 0 else missing_eval_split(cfg, builder)
             if missing:
                 eval_every = -1
@@ -210,8 +216,8 @@ def train_and_evaluate(
                       "better %s)", tracker.history[-1][0], tracker.since_best,
                       cfg.train.best_metric)  # fmt: skip
 
-        def evaluate_now(step: int) -> dict:
-            m = _evaluate(evaluate_fn, cfg, state, step, log)
+        def evaluate_now(step: int, final: bool = False) -> dict:
+            m = _evaluate(final_evaluate_fn if final else evaluate_fn, cfg, state, step, log)
             if tracker is not None:
                 tracker.update(step, m, state.eval_variables)
             return m
@@ -297,7 +303,7 @@ def train_and_evaluate(
             save(step)
         ckpts.close()
         if not preempted and eval_every >= 0 and not early_stopped:
-            eval_metrics = evaluate_now(step)
+            eval_metrics = evaluate_now(step, final=True)
         log.close()
         if is_main and not preempted:
             try:  # a picture of the run; never a reason for the run to fail
