@@ -31,6 +31,7 @@ from m2det_jax.perf.benchmark import format_table, run_benchmark
 from m2det_jax.perf.costs import format_cost_table, time_train_step, train_step_cost
 from m2det_jax.perf.stats import count_params, model_summary
 from m2det_jax.perf.verify import verify_reference
+from m2det_jax.train.browse import browse
 from m2det_jax.train.curves import plot_curves
 from m2det_jax.train.loop import train_and_evaluate
 
@@ -155,6 +156,19 @@ def cmd_plot(args, cfg) -> int:
     return 0
 
 
+def cmd_browse(args, cfg) -> int:
+    try:
+        written = browse(cfg, join(args.workdir, "browse"), batches=args.batches,
+                         max_images=args.max_images)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    report = json.loads((join(args.workdir, "browse") / "report.json").read_text())
+    print(report["verdict"])
+    for k, v in written.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def cmd_summary(args, cfg) -> int:
     if not args.all:
         print(json.dumps(model_summary(cfg)))
@@ -263,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default=None, help="the PNG (default RUN/curves.png)")
     sp = add("summary", "params, GMACs per image and priors of a config", cmd_summary)
     sp.add_argument("--all", action="store_true", help="a table of every shipped config")
+    sp = add("browse", "augmented training batches with boxes + a data report (class counts, "
+             "box sizes vs priors, matched priors per object, a verdict) in WORKDIR/browse",
+             cmd_browse, "configs/shapes.py")  # fmt: skip
+    sp.add_argument("--batches", type=int, default=2, help="training batches drawn")
+    sp.add_argument("--max_images", type=int, default=2000,
+                    help="training images the statistics read (the first ones)")
     sp = add("train", "train (resumes from WORKDIR/checkpoints if present)", cmd_train,
              "configs/shapes.py")  # fmt: skip
     _distributed_flags(sp)

@@ -166,7 +166,7 @@ def worst_figure(ids: Sequence[int], images: Callable[[int], np.ndarray | None],
             continue
         gts = [{"box": [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                         a["bbox"][1] + a["bbox"][3]], "class": a["category_id"],
-                "label": names[a["category_id"]], "score": 1.0}
+                "label": names[a["category_id"]], "score": None}
                for a in dataset["annotations"] if a["image_id"] == image_id]  # fmt: skip
         dets = [{"box": [r[1], r[2], r[1] + r[3], r[2] + r[4]], "class": int(r[6]),
                  "label": names.get(int(r[6]), str(int(r[6]))), "score": float(r[5])}

@@ -163,7 +163,8 @@ def _colour(k: int) -> tuple[int, int, int]:
 
 
 def draw_detections(image: np.ndarray, records: Sequence[dict[str, Any]]) -> Image.Image:
-    """The RGB image with each record's box and 'label score' caption drawn on it."""
+    """The RGB image with each record's box and 'label score' caption drawn on it (the
+    label alone where the score is None, e.g. ground truth)."""
     im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     draw = ImageDraw.Draw(im)
     font = ImageFont.load_default()
@@ -172,7 +173,7 @@ def draw_detections(image: np.ndarray, records: Sequence[dict[str, Any]]) -> Ima
         x1, y1, x2, y2 = r["box"]
         colour = _colour(r["class"])
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        text = f"{r['label']} {r['score']:.2f}"
+        text = r["label"] if r.get("score") is None else f"{r['label']} {r['score']:.2f}"
         tb = draw.textbbox((0, 0), text, font=font)
         tw, th = tb[2] - tb[0] + 4, tb[3] - tb[1] + 4
         ty = y1 - th if y1 - th >= 0 else y1

@@ -64,10 +64,9 @@ class TrainState:
         return self.ema if self.ema is not None else self.variables
 
 
-def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
-    """(network input, boxes, labels, valid) of a uint8 batch, on the device: with
-    `data.augment_on_device` the augmentation (`data.augment_device`, a key per step) and
-    then, always, `preprocess` (channel order, means, scale)."""
+def device_augment(cfg, batch: dict[str, jax.Array], step: jax.Array):
+    """(uint8 image, boxes, labels, valid) of a batch: with `data.augment_on_device` after
+    the device augmentation (`data.augment_device`, a key per step), else as given."""
     valid = batch["valid"] & batch["mask"][:, None]
     image, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
     if cfg.data.augment_on_device:
@@ -78,6 +77,13 @@ def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
             size=int(cfg.model.input_size), expand_prob=float(cfg.data.expand_prob),
             fill_rgb=augment_host.fill_rgb_from(pp.channel_order, pp.pixel_means))  # fmt: skip
         image, boxes, labels, valid = out["image"], out["boxes"], out["labels"], out["valid"]
+    return image, boxes, labels, valid
+
+
+def device_inputs(cfg, batch: dict[str, jax.Array], step: jax.Array):
+    """(network input, boxes, labels, valid) of a uint8 batch, on the device:
+    `device_augment`, then, always, `preprocess` (channel order, means, scale)."""
+    image, boxes, labels, valid = device_augment(cfg, batch, step)
     return preprocess(image, cfg), boxes, labels, valid
 
 
