@@ -143,6 +143,8 @@ def test_train_cli_end_to_end_on_shapes(shapes, tmp_path):
     assert em["num_images"] == 8 and em["step"] == 3  # 8 images, padded batches of 3
     assert (wd / "curves.png").stat().st_size > 10_000  # drawn at the end of training
     assert (wd / "plots" / "pr_curves.png").stat().st_size > 10_000  # the final evaluation
+    events = b"".join(p.read_bytes() for p in (wd / "tensorboard").iterdir())
+    assert b"eval/detections_0" in events and b"eval/AP50" in events  # sample images
     assert os.path.isfile(wd / "config.json") and os.path.isfile(wd / "command.txt")
     # `m2det eval` on the training workdir reproduces the same numbers.
     cfg_args = ["--config.model.num_classes=5", "--config.data.dataset=shapes", f"--config.data.data_dir={data_dir}",

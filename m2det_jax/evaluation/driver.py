@@ -142,6 +142,18 @@ def image_reader(builder, split: str):
     return read
 
 
+def first_images(builder, split: str, k: int) -> list:
+    """The first `k` decodable images of `split` (uint8 RGB)."""
+    source, out = data.data_source(builder, split), []
+    for i in range(len(source)):
+        im = records.decode_image(source[i]["image"])
+        if im is not None:
+            out.append(im)
+        if len(out) == k:
+            break
+    return out
+
+
 def voc_results_folder(results_file: str) -> str:
     """Where `evaluate_variables` writes the VOC per-class files beside `results_file`:
     "<results_file without .json>_voc"."""

@@ -12,6 +12,9 @@ Everything comes from COCO evaluation's own matching, no matcher of ours:
   nothing) and column (ground truth no detection matched), counting detections with
   score >= `score_threshold`.
 
+`sample_detections` draws a few images' detections (TensorBoard images at each of
+training's evaluations).
+
 Files: `pr_curves.png` (IoU 0.5 and 0.5:0.95; every class thin, the mean thick),
 `confusion_matrix.png` (counts and rows normalised), `per_class.md` and `per_class.csv`
 (AP, AP50, AP75, AR100, ground-truth count), `worst_images.png` (the images whose ground
@@ -32,7 +35,8 @@ from matplotlib.figure import Figure
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from m2det_jax.inference.image_files import draw_detections
+from m2det_jax.inference.detector import make_detector
+from m2det_jax.inference.image_files import detections_to_records, draw_detections
 from m2det_jax.paths import as_path
 
 
@@ -178,6 +182,17 @@ def worst_figure(ids: Sequence[int], images: Callable[[int], np.ndarray | None],
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def sample_detections(cfg, variables, images: Sequence[np.ndarray], class_names,
+                      score_threshold: float = 0.3) -> list[np.ndarray]:  # fmt: skip
+    """`images` (uint8 RGB) with the detections of `variables` drawn (training's
+    TensorBoard samples at each evaluation)."""
+    detector = make_detector(cfg, variables, batch_size=len(images))
+    dets = detector(list(images))
+    return [np.asarray(draw_detections(im, detections_to_records(
+        dets, i, im.shape[1], im.shape[0], score_threshold, class_names)))
+            for i, im in enumerate(images)]  # fmt: skip
 
 
 def write_pictures(out_dir, dataset: dict, results: np.ndarray, image_ids, keep: dict,

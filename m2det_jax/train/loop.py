@@ -30,7 +30,8 @@ from m2det_jax.checkpoints.variables import load_init_variables
 from m2det_jax.core.priors import prior_boxes
 from m2det_jax.data.device_feed import DevicePrefetch
 from m2det_jax.errors import NonFiniteLossError
-from m2det_jax.evaluation.driver import evaluate_variables, metric_of
+from m2det_jax.evaluation.driver import evaluate_variables, first_images, metric_of
+from m2det_jax.evaluation.pictures import sample_detections
 from m2det_jax.models import build_model
 from m2det_jax.paths import as_path
 from m2det_jax.train.best import BestTracker, check_metric_name
@@ -216,8 +217,20 @@ def train_and_evaluate(
                       "better %s)", tracker.history[-1][0], tracker.since_best,
                       cfg.train.best_metric)  # fmt: skip
 
+        samples = None  # a few validation images, their detections drawn in TensorBoard
+        if builder is not None and eval_every >= 0 and is_main and jax.process_count() == 1:
+            samples = first_images(builder, cfg.data.eval_split, 4)
+
         def evaluate_now(step: int, final: bool = False) -> dict:
             m = _evaluate(final_evaluate_fn if final else evaluate_fn, cfg, state, step, log)
+            if samples:
+                try:  # pictures are never a reason for the run to fail
+                    drawn = sample_detections(cfg, jax.device_get(state.eval_variables),
+                                              samples, labels and labels["class_names"])
+                    log.write_images(step, {f"eval/detections_{i}": im
+                                            for i, im in enumerate(drawn)})  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    _log.warning("sample detections not drawn: %s: %s", type(e).__name__, e)
             if tracker is not None:
                 tracker.update(step, m, state.eval_variables)
             return m

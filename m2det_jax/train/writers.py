@@ -15,6 +15,7 @@ import math
 import os
 import sys
 
+import numpy as np
 from etils import epath
 from tensorboardX import SummaryWriter, record_writer
 
@@ -79,6 +80,14 @@ class MetricsLog:
         for k, v in row.items():
             if k != "step" and math.isfinite(v):
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        self._tb.flush()
+
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """TensorBoard images (uint8 [H, W, 3]) at `step`, e.g. sample detections."""
+        if not self.enabled:
+            return
+        for tag, im in images.items():
+            self._tb.add_image(tag, np.asarray(im), step, dataformats="HWC")
         self._tb.flush()
 
     def close(self):
