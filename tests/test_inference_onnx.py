@@ -24,8 +24,8 @@ LABELS = {"class_names": ["a", "b", "c"], "category_ids": [3, 7, 9]}
 
 def test_onnx_export_cli_matches_jax(tmp_path):
     """The exported graph's boxes and scores = JAX's (`onnx_fn`: folded BatchNorm, decode
-    and softmax, float32 rounding apart); `OnnxDetector` = `nms` with the export's
-    settings, here the run-time ones (--agnostic --classes --max_det)."""
+    and softmax, float32 rounding apart); `OnnxDetector` = `nms` of the graph's output with
+    the export's settings, here the run-time ones (--agnostic --classes --max_det)."""
     from m2det_jax.cli import main
 
     cfg = load_config(config_path("tiny"), OVERRIDES)
@@ -46,13 +46,16 @@ def test_onnx_export_cli_matches_jax(tmp_path):
         None, {"images": images, "image_sizes": hw})
     want_boxes, want_scores = map(np.asarray, jax.jit(ox.onnx_fn(cfg, v))(images, hw))
     np.testing.assert_allclose(boxes, want_boxes, atol=2e-3, rtol=1e-5)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-4)
+    # Softmax of logits in the thousands (the test weights are peaky on purpose): a 1e-6
+    # relative logit difference (float32 summation order) moves a mixed score by ~1e-3.
+    np.testing.assert_allclose(scores, want_scores, atol=2e-3)
     run_cfg = with_postprocess(cfg, classes=(1, 3), max_det=7, agnostic=True)
     got = ox.OnnxDetector(load_config(str(out / "config.json")), out / ox.ONNX_FILE)(images, hw)
-    want = jax.device_get(ox.make_nms_fn(run_cfg)(want_boxes, want_scores))
+    # The detector = nms with the export's settings on the graph's own output (exact).
+    want = jax.device_get(ox.make_nms_fn(run_cfg)(boxes, scores))
     assert got["scores"].shape == (2, 7)
     assert set(got["classes"][got["valid"]]) <= {1, 3}
-    assert_same_detections(got, want, box_atol=2e-3, score_atol=1e-4)
+    assert_same_detections(got, want, box_atol=0, score_atol=0)
     with pytest.raises(Exception, match="(?i)dimension|shape"):
         ox.onnx_session(out / ox.ONNX_FILE).run(None, {"images": images[:1], "image_sizes": hw[:1]})
 

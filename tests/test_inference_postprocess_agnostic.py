@@ -67,7 +67,11 @@ def run(loc, logits, priors, cfg, hw, classes=()):
     return out, refs, (boxes, scores)
 
 
-@pytest.mark.parametrize("method,offset,max_per_image", CASES)
+# Each method, with and without the per-image cap (a subset of CASES: compiles dominate).
+AGNOSTIC_CASES = [CASES[0], CASES[2], CASES[4], CASES[5]]
+
+
+@pytest.mark.parametrize("method,offset,max_per_image", AGNOSTIC_CASES)
 def test_class_agnostic_matches_the_reference(method, offset, max_per_image):
     """detect and nms (fast and plain paths alike) = the reference, every method, with
     and without max_per_image; rows carry their classes; one box holds one class."""
@@ -83,6 +87,8 @@ def test_class_agnostic_matches_the_reference(method, offset, max_per_image):
         per_class = jax.tree.map(np.asarray, pp.detect(loc, logits, priors, make_cfg(
             method=method, pixel_offset=offset), hw))
         assert out["valid"].sum() < per_class["valid"].sum()  # cross-class suppression
+    if (method, offset, max_per_image) != CASES[0]:
+        return  # the nms entry point: once
     norm_boxes, _ = pp.decode_and_score(loc, logits, priors, cfg)
     via_nms = jax.tree.map(np.asarray, pp.nms(norm_boxes, scores, cfg, hw))
     np.testing.assert_array_equal(via_nms["classes"], out["classes"])
