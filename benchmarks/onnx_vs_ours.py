@@ -2,7 +2,7 @@
 protocol without NMS): one process, calls interleaved round by round, medians.
 
   python benchmarks/onnx_vs_ours.py --configs m2det320_vgg m2det512_vgg \
-      --original /path/to/M2Det-clone
+      --original /path/to/M2Det-clone [--xla_cpu_conv_flags] [--profile]
 
 Rows per config (network only: preprocessed float input -> loc, logits):
 * ours: `models.apply_inference` on `inference.prepare_variables` (what evaluation,
@@ -170,16 +170,23 @@ def main():
     ap.add_argument("--original", default=None, metavar="PATH",
                     help="a clone of github.com/qijiezhao/M2Det: also time onnxruntime on "
                          "the original network (torch.onnx.export)")  # fmt: skip
+    ap.add_argument("--xla_cpu_conv_flags", action="store_true",
+                    help="ours with perf.runtime.CPU_CONV_FLAGS (YNNPACK fusions off; jaxlib "
+                         "0.10 only), as `m2det ... --xla_cpu_conv_flags`")
     ap.add_argument("--profile", action="store_true",
                     help="also print where each runtime spends its time (kernel kinds)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. eval.winograd=off")
     args = ap.parse_args()
+    flags = "default"
+    if args.xla_cpu_conv_flags:  # before the first JAX computation
+        flags = "conv" if runtime.use_cpu_conv_flags() else "default (conv flags unknown)"
     import onnxruntime
 
     print(f"CPU: {runtime.cpu_model()}, {os.cpu_count()} cores; onnxruntime "
           f"{onnxruntime.__version__} ({os.cpu_count()} threads); jax {jax.__version__}; "
-          f"batch 1, median of {args.rounds} interleaved rounds, network only")
+          f"batch 1, median of {args.rounds} interleaved rounds, network only; ours with "
+          f"XLA flags: {flags}")
     cols = ["ours", "ort(ours)"] + (["ort(original)"] if args.original else [])
     head = "| config | " + " | ".join(f"{c} s" for c in cols)
     head += " | ours / ort(original)" if args.original else ""
