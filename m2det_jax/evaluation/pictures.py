@@ -141,8 +141,10 @@ def confusion_figure(m: np.ndarray, names: Sequence[str]) -> Figure:
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
         ax.set_yticklabels(labels, fontsize=7)
         if len(labels) <= 25:
+            top = a.max() or 1
             for (r, c), v in np.ndenumerate(a):
-                ax.text(c, r, format(v, fmt), ha="center", va="center", fontsize=6)
+                ax.text(c, r, format(v, fmt), ha="center", va="center", fontsize=6,
+                        color="white" if v > top / 2 else "black")  # fmt: skip
     fig.tight_layout()
     return fig
 

@@ -129,6 +129,7 @@ def train_and_evaluate(
         if train_iterator_fn is None or (evaluate_fn is None and eval_every >= 0):
             builder = data.open_builder(cfg)
         final_evaluate_fn = evaluate_fn
+        default_eval = evaluate_fn is None
         if evaluate_fn is None:
             evaluate_fn = functools.partial(evaluate_variables, workdir=workdir, builder=builder)
             final_evaluate_fn = functools.partial(
@@ -218,7 +219,7 @@ def train_and_evaluate(
                       cfg.train.best_metric)  # fmt: skip
 
         samples = None  # a few validation images, their detections drawn in TensorBoard
-        if builder is not None and eval_every >= 0 and is_main and jax.process_count() == 1:
+        if default_eval and eval_every >= 0 and is_main and jax.process_count() == 1:
             samples = first_images(builder, cfg.data.eval_split, 4)
 
         def evaluate_now(step: int, final: bool = False) -> dict:
