@@ -76,3 +76,18 @@ def test_pictures_on_a_case_with_known_answers(tmp_path):
     scores = pictures.image_scores(pictures.agnostic_matches(GT, RESULTS, [1, 2, 3, 4]), 0.25,
                                    {a["id"]: a for a in GT["annotations"]})  # fmt: skip
     assert scores == {1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0}
+
+
+def test_drawing_survives_an_untrained_networks_boxes():
+    """NMS output is not clipped: an untrained network's boxes can be 1e30 pixels or NaN
+    (the kill -9 test's final evaluation drew them and failed); they are clipped or left
+    out, and an ordinary box is still drawn."""
+    from m2det_jax.inference.image_files import draw_detections
+
+    im = np.zeros((40, 50, 3), np.uint8)
+    wild = [{"box": [1e30, -1e30, 3e38, 1e31], "class": 1, "label": "a", "score": 0.5},
+            {"box": [float("nan"), 0, 5, 5], "class": 1, "label": "b", "score": 0.5},
+            {"box": [-1e9, -5, 1e9, 20], "class": 2, "label": "c", "score": None}]
+    drawn = np.asarray(draw_detections(im, wild))
+    assert drawn.shape == (40, 50, 3) and drawn.any()  # the clipped third box
+    assert not np.asarray(draw_detections(im, wild[:2])).any()  # nothing inside: nothing

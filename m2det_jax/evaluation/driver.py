@@ -114,10 +114,13 @@ def evaluate_variables(cfg, variables, step: int | None = None, *, builder=None,
                                     category_ids=only, keep=keep)  # fmt: skip
             if plots_dir and keep:
                 gt = ann if isinstance(ann, dict) else json.loads(as_path(ann).read_text())
-                written = write_pictures(plots_dir, gt, results, image_ids, keep,
-                                         image_reader(builder, split))  # fmt: skip
-                metrics["plots"] = sorted(written.values())
-                _log.info("evaluation pictures: %s", plots_dir)
+                try:  # pictures are never a reason for an evaluation to fail
+                    written = write_pictures(plots_dir, gt, results, image_ids, keep,
+                                             image_reader(builder, split))  # fmt: skip
+                    metrics["plots"] = sorted(written.values())
+                    _log.info("evaluation pictures: %s", plots_dir)
+                except Exception as e:  # noqa: BLE001
+                    _log.warning("evaluation pictures not drawn: %s: %s", type(e).__name__, e)
             metrics["num_images"] = int(len(image_ids))
             metrics["num_detections"] = len(results)
             metrics["ground_truth"] = source

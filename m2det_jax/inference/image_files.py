@@ -164,13 +164,21 @@ def _colour(k: int) -> tuple[int, int, int]:
 
 def draw_detections(image: np.ndarray, records: Sequence[dict[str, Any]]) -> Image.Image:
     """The RGB image with each record's box and 'label score' caption drawn on it (the
-    label alone where the score is None, e.g. ground truth)."""
+    label alone where the score is None, e.g. ground truth). Boxes are drawn clipped to
+    the image (NMS output is not clipped; an untrained network's can be huge); boxes with a
+    non-finite corner or nothing inside the image are left out."""
     im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     draw = ImageDraw.Draw(im)
     font = ImageFont.load_default()
     width = max(1, round(max(im.size) / 300))
+    w, h = im.size
     for r in records:
-        x1, y1, x2, y2 = r["box"]
+        box = np.asarray(r["box"], np.float64)
+        if not np.isfinite(box).all():
+            continue
+        x1, y1, x2, y2 = (float(v) for v in np.clip(box, -1.0, [w, h, w, h]))
+        if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+            continue
         colour = _colour(r["class"])
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
         text = r["label"] if r.get("score") is None else f"{r['label']} {r['score']:.2f}"
