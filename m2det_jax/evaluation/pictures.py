@@ -40,6 +40,14 @@ from m2det_jax.inference.image_files import detections_to_records, draw_detectio
 from m2det_jax.paths import as_path
 
 
+def save_png(fig: Figure, path, dpi: int = 100) -> str:
+    """Writes `fig` as a PNG (Agg canvas: no display, no global pyplot state)."""
+    FigureCanvasAgg(fig)
+    with open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return os.fspath(path)
+
+
 def pr_figure(keep: dict, names: Sequence[str]) -> Figure:
     """PR curves: left IoU 0.5, right the mean over IoU 0.5:0.95 (classes thin, their
     mean thick, labelled with its area = AP50 / AP)."""
@@ -215,11 +223,7 @@ def write_pictures(out_dir, dataset: dict, results: np.ndarray, image_ids, keep:
     written = {}
 
     def save(fig: Figure, name: str) -> None:
-        path = os.fspath(out / name)
-        FigureCanvasAgg(fig)  # no display, no global pyplot state
-        with open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        written[name] = path
+        written[name] = save_png(fig, out / name)
 
     save(pr_figure(keep, names), "pr_curves.png")
     rows = per_class_rows(keep, names, counts)

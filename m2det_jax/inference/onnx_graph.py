@@ -289,10 +289,6 @@ def _transpose(g, ins, eqn):
     return g.one("Transpose", ins, perm=[int(d) for d in eqn.params["permutation"]])
 
 
-def _squeeze(g, ins, eqn):
-    return _reshape(g, ins, eqn)
-
-
 def _clamp(g, ins, eqn):
     lo, x, hi = ins
     return g.one("Min", [g.one("Max", [x, lo]), hi])
@@ -343,7 +339,7 @@ _RULES: dict[str, Callable] = {
     "eq": _elementwise("Equal"), "ne": _ne, "and": _elementwise("And"),
     "or": _elementwise("Or"), "not": _elementwise("Not"),
     "convert_element_type": _convert, "broadcast_in_dim": _broadcast_in_dim,
-    "reshape": _reshape, "squeeze": _squeeze, "expand_dims": _reshape,
+    "reshape": _reshape, "squeeze": _reshape, "expand_dims": _reshape,
     "transpose": _transpose, "concatenate": _concatenate, "slice": _slice,
     "reduce_sum": _reduce("ReduceSum"), "reduce_max": _reduce("ReduceMax"),
     "reduce_min": _reduce("ReduceMin"), "argmax": _argmax,

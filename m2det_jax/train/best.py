@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from m2det_jax.checkpoints.variables import save_variables
+from m2det_jax.evaluation.coco import METRIC_NAMES
 from m2det_jax.paths import as_path
 
 _log = logging.getLogger(__name__)
@@ -34,14 +35,10 @@ _log = logging.getLogger(__name__)
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 
-COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-              "ARl")  # fmt: skip
-
-
 def check_metric_name(name: str, metric: str) -> None:
     """A one-line error before training when `train.best_metric` cannot be in the metrics
     of `metric` ("coco" or "voc"); per-class "AP/<name>" is accepted for both."""
-    known = COCO_NAMES if metric == "coco" else ("mAP",)
+    known = METRIC_NAMES if metric == "coco" else ("mAP",)
     if name and name not in known and not name.startswith("AP/"):
         raise ValueError(f"train.best_metric={name!r}: the {metric.upper()} metrics are "
                          f"{', '.join(known)} or AP/<class name>")  # fmt: skip

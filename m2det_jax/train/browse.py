@@ -23,12 +23,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from m2det_jax import data
 from m2det_jax.core import box_ops
 from m2det_jax.core.priors import prior_boxes
+from m2det_jax.evaluation.pictures import save_png
 from m2det_jax.inference.image_files import draw_detections
 from m2det_jax.paths import as_path
 from m2det_jax.train.losses import match
@@ -138,13 +138,6 @@ def verdict(r: dict) -> str:
             f"{r['overlap_thresh']}, {median:g} positive priors per object (median)")
 
 
-def _save(fig: Figure, path) -> str:
-    FigureCanvasAgg(fig)
-    with open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    return os.fspath(path)
-
-
 def sizes_figure(r: dict) -> Figure:
     a = r["_arrays"]
     fig = Figure(figsize=(10, 3.8))
@@ -193,16 +186,16 @@ def browse(cfg, out_dir, batches: int = 2, max_images: int = 2000) -> dict[str, 
     for k in range(batches):
         b = next(it)
         if "canvas_sizes" in b:  # augment_on_device: the canvas, then the device's result
-            written[f"batch_{k}"] = _save(batch_figure(b["image"], b["boxes"], b["labels"],
+            written[f"batch_{k}"] = save_png(batch_figure(b["image"], b["boxes"], b["labels"],
                                                        b["valid"], names), out / f"batch_{k}.png")
             img, bx, lb, va = jax.device_get(device_augment(cfg, b, jnp.int32(k)))
-            written[f"batch_{k}_device"] = _save(batch_figure(img, bx, lb, va, names),
+            written[f"batch_{k}_device"] = save_png(batch_figure(img, bx, lb, va, names),
                                                  out / f"batch_{k}_device.png")  # fmt: skip
         else:
-            written[f"batch_{k}"] = _save(batch_figure(b["image"], b["boxes"], b["labels"],
+            written[f"batch_{k}"] = save_png(batch_figure(b["image"], b["boxes"], b["labels"],
                                                        b["valid"], names), out / f"batch_{k}.png")
     r = data_report(cfg, builder, max_images)
-    written["box_sizes"] = _save(sizes_figure(r), out / "box_sizes.png")
+    written["box_sizes"] = save_png(sizes_figure(r), out / "box_sizes.png")
     public = {k: v for k, v in r.items() if not k.startswith("_")}
     (out / "report.json").write_text(json.dumps(public, indent=1))
     lines = [f"# Data report: {cfg.data.dataset} {cfg.data.train_split}", "",
